@@ -1,0 +1,38 @@
+# One-command entry points. `make run` and `make test` work on a fresh machine:
+# they create .venv, install the CPU torch build first (so pip never pulls the
+# CUDA wheel), then the project with its test extras.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TORCH_SPEC ?= torch==2.13.0
+MODEL_DIR ?= .cache/tiny-llama
+PYTEST_ARGS ?=
+
+.PHONY: install run test test-fast bench bench-peers proto clean
+
+$(VENV)/.installed: pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -e ".[test]"
+	touch $@
+
+install: $(VENV)/.installed proto
+
+proto: $(VENV)/.installed
+	$(PY) -m splitserve.proto_build
+
+run: install
+	$(PY) -m splitserve up
+
+test: install
+	$(PY) -m pytest -q $(PYTEST_ARGS) -m "not gpu"
+
+test-fast: install
+	$(PY) -m pytest -q $(PYTEST_ARGS) -m "not gpu and not integration and not e2e"
+
+bench: install
+	$(PY) bench/engine_throughput.py --quick
+
+clean:
+	rm -rf $(VENV) .cache build *.egg-info

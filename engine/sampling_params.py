@@ -1,0 +1,122 @@
+"""Per-request sampling parameters, shaped like vLLM's ``SamplingParams``."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from splitserve.engine.errors import InvalidRequestError
+
+_GREEDY_EPSILON = 1e-5
+
+
+@dataclass
+class SamplingParams:
+    """How to pick output tokens for one request.
+
+    ``temperature == 0`` is greedy. ``top_k`` of 0 or -1 disables top-k.
+    ``seed`` makes sampling reproducible: the draw for output token ``i``
+    depends only on ``(seed, i)``, so a seeded request yields the same tokens
+    unified or disaggregated, after preemption and after failover. Without a
+    seed the engine draws one per request.
+    ``logprobs`` is the number of top alternatives to return per output token
+    (0 returns only the sampled token's logprob; ``None`` returns nothing).
+    Logprobs are computed from the raw model distribution, as vLLM does.
+    """
+
+    n: int = 1
+    max_tokens: int | None = 16
+    min_tokens: int = 0
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    seed: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    stop_token_ids: list[int] = field(default_factory=list)
+    ignore_eos: bool = False
+    logprobs: int | None = None
+    skip_special_tokens: bool = True
+
+    MAX_LOGPROBS = 20
+
+    def __post_init__(self) -> None:
+        self.stop_token_ids = list(self.stop_token_ids or [])
+        if self.top_k == -1:
+            self.top_k = 0
+        self.validate()
+
+    @property
+    def is_greedy(self) -> bool:
+        return self.temperature < _GREEDY_EPSILON
+
+    @property
+    def has_penalties(self) -> bool:
+        return (
+            self.presence_penalty != 0.0
+            or self.frequency_penalty != 0.0
+            or self.repetition_penalty != 1.0
+        )
+
+    def validate(self) -> None:
+        """Raise ``InvalidRequestError`` naming the first bad field."""
+        _check(isinstance(self.n, int) and self.n >= 1, f"n must be an integer >= 1, got {self.n!r}")
+        if self.max_tokens is not None:
+            _check(
+                isinstance(self.max_tokens, int) and self.max_tokens >= 1,
+                f"max_tokens must be an integer >= 1, got {self.max_tokens!r}",
+            )
+        _check(
+            isinstance(self.min_tokens, int) and self.min_tokens >= 0,
+            f"min_tokens must be an integer >= 0, got {self.min_tokens!r}",
+        )
+        if self.max_tokens is not None:
+            _check(
+                self.min_tokens <= self.max_tokens,
+                f"min_tokens ({self.min_tokens}) must be <= max_tokens ({self.max_tokens})",
+            )
+        _check(_is_number(self.temperature) and self.temperature >= 0.0,
+               f"temperature must be >= 0, got {self.temperature!r}")
+        _check(_is_number(self.top_p) and 0.0 < self.top_p <= 1.0,
+               f"top_p must be in (0, 1], got {self.top_p!r}")
+        _check(isinstance(self.top_k, int) and self.top_k >= 0,
+               f"top_k must be -1, 0 (disabled) or a positive integer, got {self.top_k!r}")
+        _check(_is_number(self.min_p) and 0.0 <= self.min_p <= 1.0,
+               f"min_p must be in [0, 1], got {self.min_p!r}")
+        _check(_is_number(self.presence_penalty) and -2.0 <= self.presence_penalty <= 2.0,
+               f"presence_penalty must be in [-2, 2], got {self.presence_penalty!r}")
+        _check(_is_number(self.frequency_penalty) and -2.0 <= self.frequency_penalty <= 2.0,
+               f"frequency_penalty must be in [-2, 2], got {self.frequency_penalty!r}")
+        _check(_is_number(self.repetition_penalty) and self.repetition_penalty > 0.0,
+               f"repetition_penalty must be > 0, got {self.repetition_penalty!r}")
+        if self.seed is not None:
+            _check(isinstance(self.seed, int) and 0 <= self.seed < 2**63,
+                   f"seed must be an integer in [0, 2^63), got {self.seed!r}")
+        _check(all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids),
+               f"stop_token_ids must be non-negative integers, got {self.stop_token_ids!r}")
+        if self.logprobs is not None:
+            _check(
+                isinstance(self.logprobs, int) and 0 <= self.logprobs <= self.MAX_LOGPROBS,
+                f"logprobs must be an integer in [0, {self.MAX_LOGPROBS}], got {self.logprobs!r}",
+            )
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> SamplingParams:
+        """Build from a plain mapping (services); unknown keys are an error."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise InvalidRequestError(
+                f"unknown sampling parameter(s): {', '.join(unknown)}; known: {', '.join(sorted(known))}"
+            )
+        return cls(**values)
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise InvalidRequestError(message)

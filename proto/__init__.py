@@ -1,0 +1,1 @@
+"""Generated protobuf/gRPC stubs of the control plane (built by `make proto`)."""

@@ -1,0 +1,99 @@
+"""Conversions between the control plane's protobuf messages and the engine's
+dataclasses. Servicers and gRPC clients call these and nothing else touches
+protobuf field names."""
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from splitserve.engine.request import TokenLogprobs
+from splitserve.engine.sampling_params import SamplingParams
+from splitserve.proto import splitserve_v1_pb2 as pb
+
+_FINISH_REASONS = {
+    "stop": pb.FINISH_REASON_STOP,
+    "length": pb.FINISH_REASON_LENGTH,
+    "abort": pb.FINISH_REASON_ABORT,
+}
+_FINISH_REASON_NAMES = {value: name for name, value in _FINISH_REASONS.items()}
+
+
+def sampling_to_proto(params: SamplingParams) -> pb.SamplingParams:
+    message = pb.SamplingParams(
+        n=params.n,
+        min_tokens=params.min_tokens,
+        temperature=params.temperature,
+        top_p=params.top_p,
+        top_k=params.top_k,
+        min_p=params.min_p,
+        presence_penalty=params.presence_penalty,
+        frequency_penalty=params.frequency_penalty,
+        repetition_penalty=params.repetition_penalty,
+        stop_token_ids=params.stop_token_ids,
+        ignore_eos=params.ignore_eos,
+    )
+    if params.max_tokens is not None:
+        message.max_tokens = params.max_tokens
+    if params.seed is not None:
+        message.seed = params.seed
+    if params.logprobs is not None:
+        message.logprobs = params.logprobs
+    return message
+
+
+def sampling_from_proto(message: pb.SamplingParams) -> SamplingParams:
+    """Raise ``InvalidRequestError`` (from SamplingParams) on bad values."""
+    return SamplingParams(
+        n=message.n or 1,
+        max_tokens=message.max_tokens if message.HasField("max_tokens") else None,
+        min_tokens=message.min_tokens,
+        temperature=_f32(message.temperature),
+        top_p=_f32(message.top_p),
+        top_k=message.top_k,
+        min_p=_f32(message.min_p),
+        seed=message.seed if message.HasField("seed") else None,
+        presence_penalty=_f32(message.presence_penalty),
+        frequency_penalty=_f32(message.frequency_penalty),
+        repetition_penalty=_f32(message.repetition_penalty),
+        stop_token_ids=list(message.stop_token_ids),
+        ignore_eos=message.ignore_eos,
+        logprobs=message.logprobs if message.HasField("logprobs") else None,
+    )
+
+
+def _f32(value: float) -> float:
+    # float32 on the wire: round to 7 significant digits so 0.9 stays 0.9.
+    return float(f"{value:.7g}")
+
+
+def logprobs_to_proto(logprobs: TokenLogprobs) -> pb.TokenLogprobs:
+    return pb.TokenLogprobs(
+        token_id=logprobs.token_id,
+        logprob=logprobs.logprob,
+        rank=logprobs.rank,
+        top_token_ids=logprobs.top_token_ids,
+        top_logprobs=logprobs.top_logprobs,
+    )
+
+
+def logprobs_from_proto(message: pb.TokenLogprobs) -> TokenLogprobs:
+    return TokenLogprobs(
+        token_id=message.token_id,
+        logprob=message.logprob,
+        rank=message.rank,
+        top_token_ids=tuple(message.top_token_ids),
+        top_logprobs=tuple(message.top_logprobs),
+    )
+
+
+def logprobs_list_from_proto(messages: Iterable[pb.TokenLogprobs]) -> list[TokenLogprobs]:
+    return [logprobs_from_proto(m) for m in messages]
+
+
+def finish_reason_to_proto(reason: str | None) -> int:
+    if reason is None:
+        return pb.FINISH_REASON_UNSPECIFIED
+    return _FINISH_REASONS[reason]
+
+
+def finish_reason_from_proto(value: int) -> str | None:
+    return _FINISH_REASON_NAMES.get(value)

@@ -1,0 +1,77 @@
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+
+from splitserve.process_group import ProcessGroup
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie still answers kill(0); read its state.
+    with open(f"/proc/{pid}/stat") as stat:
+        return stat.read().split()[2] != "Z"
+
+
+def test_stop_all_kills_children_and_their_children(tmp_path) -> None:
+    group = ProcessGroup()
+    pid_file = tmp_path / "grandchild.pid"
+    script = (
+        "import subprocess, sys, time;"
+        "p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']);"
+        f"open({str(pid_file)!r}, 'w').write(str(p.pid));"
+        "time.sleep(60)"
+    )
+    child = group.start("worker", [sys.executable, "-c", script], log_path=tmp_path / "w.log")
+    deadline = time.monotonic() + 10
+    while not pid_file.exists() or not pid_file.read_text():
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    grandchild = int(pid_file.read_text())
+    assert _alive(child.pid) and _alive(grandchild)
+    group.stop_all(grace_seconds=5)
+    time.sleep(0.2)
+    assert not _alive(child.pid)
+    assert not _alive(grandchild)
+    assert group.processes == []
+
+
+def test_children_die_when_the_launcher_is_killed(tmp_path) -> None:
+    pid_file = tmp_path / "child.pid"
+    launcher = (
+        "import sys, time;"
+        "from splitserve.process_group import ProcessGroup;"
+        "g = ProcessGroup();"
+        "p = g.start('c', [sys.executable, '-c', 'import time; time.sleep(60)']);"
+        f"open({str(pid_file)!r}, 'w').write(str(p.pid));"
+        "time.sleep(60)"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", launcher])
+    deadline = time.monotonic() + 10
+    while not pid_file.exists() or not pid_file.read_text():
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    child = int(pid_file.read_text())
+    proc.kill()
+    proc.wait()
+    deadline = time.monotonic() + 5
+    while _alive(child) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not _alive(child)
+
+
+def test_first_exited_reports_a_dead_child() -> None:
+    group = ProcessGroup()
+    group.start("quick", [sys.executable, "-c", "pass"])
+    group.start("slow", [sys.executable, "-c", "import time; time.sleep(30)"])
+    deadline = time.monotonic() + 10
+    while group.first_exited() is None:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert group.first_exited().name == "quick"
+    group.stop_all(grace_seconds=2)

@@ -1,16 +1,30 @@
-"""The ``splitserve`` command line (also ``python -m splitserve``)."""
+"""The ``splitserve`` command line (also ``python -m splitserve``).
+
+Each command lives in its own module with ``register(subparsers)``, which adds
+a subparser whose ``handler`` default takes the parsed args and returns an
+exit code.
+"""
 from __future__ import annotations
 
 import argparse
 import sys
+from importlib import import_module
 
 from splitserve import __version__
 
+# Modules providing ``register(subparsers)``; imported lazily so that
+# ``splitserve --help`` does not load torch.
+COMMAND_MODULES = (
+    "splitserve.up_command",
+)
+
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="splitserve", description=__doc__)
+    parser = argparse.ArgumentParser(prog="splitserve", description="Disaggregated prefill/decode LLM serving.")
     parser.add_argument("--version", action="version", version=f"splitserve {__version__}")
-    parser.add_subparsers(dest="command", metavar="COMMAND")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for module in COMMAND_MODULES:
+        import_module(module).register(subparsers)
     return parser
 
 

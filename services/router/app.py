@@ -1,0 +1,136 @@
+"""The router's FastAPI app: thin routes over ``OpenAIServing``.
+
+Routes authenticate, bound and parse the body, convert errors to OpenAI's
+shape, and delegate. Nothing here is module-level state: ``create_app``
+builds everything.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import secrets
+import time
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel, ValidationError
+
+from splitserve.router.errors import OpenAIError, bad_request, body_too_large, unauthorized
+from splitserve.router.metrics import CONTENT_TYPE
+from splitserve.router.protocol import ChatCompletionRequest, CompletionRequest
+from splitserve.router.serving import OpenAIServing
+from splitserve.router.settings import RouterSettings
+
+logger = logging.getLogger(__name__)
+
+_SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+def create_app(serving: OpenAIServing, settings: RouterSettings | None = None) -> FastAPI:
+    """Build the OpenAI-compatible app on ``serving``.
+
+    ``settings`` default to ``serving.settings``. ``/health`` and ``/metrics``
+    are open; every ``/v1`` route requires ``Authorization: Bearer <key>``
+    when ``settings.api_key`` is set.
+    """
+    settings = settings or serving.settings
+    app = FastAPI(title="splitserve router", docs_url=None, redoc_url=None)
+    app.state.serving = serving
+    if settings.api_key is None:
+        logger.warning("router API is open: no API key configured")
+
+    @app.exception_handler(OpenAIError)
+    async def _openai_error(_: Request, exc: OpenAIError) -> JSONResponse:
+        return JSONResponse(exc.body(), status_code=exc.status_code)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+        err = _validation_to_openai(exc.errors())
+        return JSONResponse(err.body(), status_code=err.status_code)
+
+    def authorize(request: Request) -> None:
+        if settings.api_key is None:
+            return
+        header = request.headers.get("authorization", "")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not token:
+            raise unauthorized("missing API key: send 'Authorization: Bearer <key>'")
+        if not secrets.compare_digest(token.strip().encode(), settings.api_key.encode()):
+            raise unauthorized("incorrect API key provided")
+
+    @app.get("/health")
+    async def health() -> Response:
+        return Response(status_code=200)
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(serving.metrics.render(), media_type=CONTENT_TYPE)
+
+    @app.get("/v1/models")
+    async def models(request: Request) -> JSONResponse:
+        authorize(request)
+        return JSONResponse(serving.list_models())
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        arrival = time.monotonic()
+        authorize(request)
+        body = await _parse(request, ChatCompletionRequest, settings.max_request_body_bytes)
+        inp = serving.chat_input(body, arrival)
+        return await _respond(serving, inp)
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Response:
+        arrival = time.monotonic()
+        authorize(request)
+        body = await _parse(request, CompletionRequest, settings.max_request_body_bytes)
+        inp = serving.completion_input(body, arrival)
+        return await _respond(serving, inp)
+
+    return app
+
+
+async def _respond(serving: OpenAIServing, inp: Any) -> Response:
+    if inp.stream:
+        return StreamingResponse(serving.generate_stream(inp), media_type="text/event-stream",
+                                 headers=_SSE_HEADERS)
+    return JSONResponse(await serving.generate(inp))
+
+
+async def _parse(request: Request, model: type[BaseModel], limit: int) -> Any:
+    """Read at most ``limit`` bytes, then parse JSON and validate (400s in
+    OpenAI's shape; 413 before any parsing)."""
+    length = request.headers.get("content-length")
+    if length is not None and length.isdigit() and int(length) > limit:
+        raise body_too_large(limit)
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise body_too_large(limit)
+        chunks.append(chunk)
+    raw = b"".join(chunks)
+    try:
+        data = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise bad_request(f"the request body is not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise bad_request("the request body must be a JSON object")
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise _validation_to_openai(exc.errors()) from None
+
+
+def _validation_to_openai(errors: Any) -> OpenAIError:
+    """The first validation error, as vLLM reports it: a 400 naming the field."""
+    if not errors:
+        return bad_request("invalid request")
+    first = errors[0]
+    loc = [str(part) for part in first.get("loc", ()) if part != "body"]
+    param = ".".join(loc) or None
+    message = f"{param}: {first.get('msg', 'invalid value')}" if param else first.get("msg", "invalid")
+    return bad_request(message, param)

@@ -1,0 +1,77 @@
+"""Incremental detokenization of one output sequence, vLLM-style.
+
+Decoding token by token is wrong for byte-level and SentencePiece vocabularies:
+one character may span several tokens (multi-byte UTF-8), and a token's text
+may depend on its left neighbour (leading-space handling). As vLLM does, we
+keep two offsets into the ids: text is re-decoded from ``prefix_offset`` and
+only the part after ``read_offset`` is new; while the tail decodes to an
+incomplete character (U+FFFD at the end) nothing is emitted.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol
+
+# Prompt tokens used as left context, as vLLM's INITIAL_INCREMENTAL_DETOKENIZATION_OFFSET.
+PROMPT_CONTEXT_TOKENS = 5
+_REPLACEMENT = "\ufffd"
+
+
+class Tokenizer(Protocol):
+    """The slice of a Hugging Face tokenizer the router uses."""
+
+    eos_token_id: int | None
+
+    def encode(self, text: str, add_special_tokens: bool = ...) -> list[int]: ...
+
+    def decode(self, token_ids: Sequence[int], skip_special_tokens: bool = ...) -> str: ...
+
+
+class IncrementalDetokenizer:
+    """Turns a stream of output token ids into text deltas.
+
+    Feed ids with ``add``; each call returns the newly completed text (maybe
+    ""). ``flush`` returns text held back at the end (an incomplete UTF-8
+    sequence decodes to U+FFFD, as a full decode would). The concatenation of
+    all deltas equals ``tokenizer.decode(output_ids)`` for byte-level
+    vocabularies.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, prompt_token_ids: Sequence[int],
+                 skip_special_tokens: bool = True) -> None:
+        self._tokenizer = tokenizer
+        self._skip = skip_special_tokens
+        context = list(prompt_token_ids[-PROMPT_CONTEXT_TOKENS:])
+        self._ids: list[int] = context
+        self._prefix_offset = 0
+        self._read_offset = len(context)
+        self._num_context = len(context)
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self._ids[self._num_context:]
+
+    def add(self, token_ids: Sequence[int]) -> str:
+        self._ids.extend(token_ids)
+        return self._advance(final=False)
+
+    def flush(self) -> str:
+        return self._advance(final=True)
+
+    def _advance(self, final: bool) -> str:
+        if self._read_offset >= len(self._ids):
+            return ""
+        prefix_text = self._decode(self._ids[self._prefix_offset:self._read_offset])
+        full_text = self._decode(self._ids[self._prefix_offset:])
+        if not final and (len(full_text) <= len(prefix_text) or full_text.endswith(_REPLACEMENT)):
+            return ""
+        # A context that itself ended mid-character decodes differently once
+        # completed; then the common prefix is what was already emitted.
+        if not full_text.startswith(prefix_text):
+            prefix_text = prefix_text.rstrip(_REPLACEMENT)
+        self._prefix_offset = self._read_offset
+        self._read_offset = len(self._ids)
+        return full_text[len(prefix_text):]
+
+    def _decode(self, ids: Sequence[int]) -> str:
+        return self._tokenizer.decode(ids, skip_special_tokens=self._skip)

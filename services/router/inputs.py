@@ -1,0 +1,181 @@
+"""Validated, tokenized generation input: OpenAI request bodies -> ``GenerationInput``.
+
+Everything a client can get wrong is checked here, before any backend call:
+model name, limits, parameter ranges, prompt token ids.
+"""
+from __future__ import annotations
+
+import hashlib
+import time
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol
+
+from splitserve.engine.errors import InvalidRequestError
+from splitserve.engine.sampling_params import SamplingParams
+from splitserve.router.errors import bad_request, model_not_found
+from splitserve.router.protocol import ChatCompletionRequest, ChatMessage, CompletionRequest, _SamplingFields
+from splitserve.router.settings import RouterSettings
+
+Endpoint = Literal["chat", "completion"]
+
+
+class ChatTokenizer(Protocol):
+    """The Hugging Face tokenizer methods used to build prompts."""
+
+    def encode(self, text: str, add_special_tokens: bool = ...) -> list[int]: ...
+
+    def apply_chat_template(self, conversation: Any, **kwargs: Any) -> Any: ...
+
+    def __len__(self) -> int: ...
+
+
+@dataclass(frozen=True)
+class GenerationInput:
+    """One OpenAI request, ready for the backend.
+
+    ``prompts`` holds one token-id prompt per completions prompt (chat: one);
+    each gets ``sampling_params.n`` choices, numbered prompt-major as vLLM.
+    ``logprobs`` is the number of alternatives per token (None: no logprobs).
+    """
+
+    endpoint: Endpoint
+    model: str
+    prompts: tuple[tuple[int, ...], ...]
+    sampling_params: SamplingParams
+    stop: tuple[str, ...] = ()
+    stream: bool = False
+    include_usage: bool = False
+    continuous_usage_stats: bool = False
+    logprobs: int | None = None
+    cache_salt: str | None = None
+    user: str | None = None
+    arrival_time: float = field(default_factory=time.monotonic)
+
+    @property
+    def num_choices(self) -> int:
+        return len(self.prompts) * self.sampling_params.n
+
+    def choice_seed(self, choice: int) -> int | None:
+        """Seed of choice ``choice`` of a prompt: the parent seed for choice 0,
+        then values derived from it (stable across routers and restarts)."""
+        seed = self.sampling_params.seed
+        if seed is None or choice == 0:
+            return seed
+        digest = hashlib.sha256(f"splitserve.seed:{seed}:{choice}".encode()).digest()
+        return int.from_bytes(digest[:8], "little") % 2**63
+
+
+def chat_input(request: ChatCompletionRequest, tokenizer: ChatTokenizer,
+               settings: RouterSettings, arrival_time: float) -> GenerationInput:
+    """Apply the chat template (as vLLM: render text, then tokenize without
+    adding special tokens again) and validate."""
+    _check_model(request.model, settings)
+    if request.top_logprobs is not None and not request.logprobs:
+        raise bad_request("top_logprobs requires logprobs=true", "top_logprobs")
+    logprobs = (request.top_logprobs or 0) if request.logprobs else None
+    max_tokens = request.max_completion_tokens if request.max_completion_tokens is not None else request.max_tokens
+    conversation = [_message_dict(m) for m in request.messages]
+    try:
+        text = tokenizer.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
+    except Exception as exc:  # jinja errors: the template refused these messages
+        raise bad_request(f"the chat template failed on these messages: {exc}", "messages") from None
+    prompt = tuple(tokenizer.encode(text, add_special_tokens=False))
+    return _build("chat", request, (prompt,), max_tokens, logprobs, settings, arrival_time)
+
+
+def completion_input(request: CompletionRequest, tokenizer: ChatTokenizer,
+                     settings: RouterSettings, arrival_time: float) -> GenerationInput:
+    """Tokenize the prompt(s): a string, strings, token ids or lists of ids."""
+    _check_model(request.model, settings)
+    if request.echo:
+        raise bad_request("echo=true is not supported by this server; send echo=false", "echo")
+    if request.suffix:
+        raise bad_request("suffix is not supported by this server", "suffix")
+    raw = request.prompt
+    if isinstance(raw, str) or (raw and isinstance(raw[0], int)):
+        raw = [raw]  # type: ignore[list-item]
+    if not raw:
+        raise bad_request("prompt must not be empty", "prompt")
+    prompts: list[tuple[int, ...]] = []
+    vocab_size = len(tokenizer)
+    for item in raw:
+        if isinstance(item, str):
+            prompts.append(tuple(tokenizer.encode(item, add_special_tokens=True)))
+        else:
+            bad = [t for t in item if not 0 <= t < vocab_size]
+            if bad:
+                raise bad_request(f"token id {bad[0]} is out of vocabulary (size {vocab_size})", "prompt")
+            prompts.append(tuple(item))
+    if request.logprobs is not None and not 0 <= request.logprobs <= SamplingParams.MAX_LOGPROBS:
+        raise bad_request(f"logprobs must be in [0, {SamplingParams.MAX_LOGPROBS}], got {request.logprobs}",
+                          "logprobs")
+    return _build("completion", request, tuple(prompts), request.max_tokens, request.logprobs,
+                  settings, arrival_time)
+
+
+def _build(endpoint: Endpoint, request: _SamplingFields, prompts: tuple[tuple[int, ...], ...],
+           max_tokens: int | None, logprobs: int | None, settings: RouterSettings,
+           arrival_time: float) -> GenerationInput:
+    for prompt in prompts:
+        if not prompt:
+            raise bad_request("the prompt has no tokens; send a non-empty prompt", "prompt")
+        if len(prompt) > settings.max_prompt_tokens:
+            raise bad_request(
+                f"the prompt has {len(prompt)} tokens, more than this server's limit of "
+                f"{settings.max_prompt_tokens}; shorten it", "prompt")
+    if not 1 <= request.n <= settings.max_n:
+        raise bad_request(f"n must be in [1, {settings.max_n}], got {request.n}", "n")
+    if max_tokens is None:
+        max_tokens = settings.default_max_tokens or settings.max_tokens_limit
+    elif not 1 <= max_tokens <= settings.max_tokens_limit:
+        raise bad_request(f"max_tokens must be in [1, {settings.max_tokens_limit}], got {max_tokens}",
+                          "max_tokens")
+    stop = [request.stop] if isinstance(request.stop, str) else list(request.stop or [])
+    if len(stop) > settings.max_stop_strings:
+        raise bad_request(f"at most {settings.max_stop_strings} stop strings, got {len(stop)}", "stop")
+    if request.stream_options is not None and not request.stream:
+        raise bad_request("stream_options can only be given when stream=true", "stream_options")
+    sampling = _sampling_params(request, max_tokens, logprobs)
+    options = request.stream_options
+    return GenerationInput(
+        endpoint=endpoint, model=request.model, prompts=prompts, sampling_params=sampling,
+        stop=tuple(s for s in stop if s), stream=request.stream,
+        include_usage=bool(options and options.include_usage),
+        continuous_usage_stats=bool(options and options.continuous_usage_stats),
+        logprobs=logprobs, cache_salt=request.cache_salt, user=request.user,
+        arrival_time=arrival_time)
+
+
+def _sampling_params(request: _SamplingFields, max_tokens: int, logprobs: int | None) -> SamplingParams:
+    values: dict[str, Any] = {
+        "n": request.n, "max_tokens": max_tokens, "min_tokens": request.min_tokens,
+        "seed": request.seed, "stop_token_ids": list(request.stop_token_ids or []),
+        "ignore_eos": request.ignore_eos, "logprobs": logprobs,
+        "skip_special_tokens": request.skip_special_tokens,
+    }
+    for name in ("temperature", "top_p", "top_k", "min_p", "presence_penalty",
+                 "frequency_penalty", "repetition_penalty"):
+        value = getattr(request, name)
+        if value is not None:
+            values[name] = value
+    try:
+        return SamplingParams(**values)
+    except InvalidRequestError as exc:
+        raise bad_request(str(exc)) from None
+
+
+def _check_model(model: str, settings: RouterSettings) -> None:
+    if model not in settings.served_model_names:
+        raise model_not_found(model)
+
+
+def _message_dict(message: ChatMessage) -> dict[str, Any]:
+    content = message.content
+    if isinstance(content, list):
+        content = "\n".join(part.text for part in content)
+    out: dict[str, Any] = dict(message.model_extra or {})
+    out.update(role=message.role, content=content if content is not None else "")
+    if message.name is not None:
+        out["name"] = message.name
+    return out
+

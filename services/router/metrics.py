@@ -1,0 +1,81 @@
+"""All Prometheus metrics of the router, in one registry per app."""
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
+
+_LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5,
+                    0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
+_RATIO_BUCKETS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 1.0)
+
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+
+
+class RouterMetrics:
+    """The router's metrics; each instance owns its ``CollectorRegistry``.
+
+    Label sets are bounded: ``endpoint`` (chat, completions), ``status``
+    (success, stopped, error class), ``policy``, ``pod`` (ready pods), ``role``
+    (prefill, decode), ``path`` (the orchestrator's P/D paths).
+    """
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.time_to_first_token = Histogram(
+            "splitserve:time_to_first_token_seconds",
+            "Router-side time from request arrival to the first output token.",
+            buckets=_LATENCY_BUCKETS, registry=r)
+        self.inter_token_latency = Histogram(
+            "splitserve:inter_token_latency_seconds",
+            "Router-side time between consecutive output token chunks, per token.",
+            buckets=_LATENCY_BUCKETS, registry=r)
+        self.e2e_request_latency = Histogram(
+            "splitserve:e2e_request_latency_seconds",
+            "Router-side time from request arrival to the last token.",
+            buckets=_LATENCY_BUCKETS, registry=r)
+        self.request_queue_time = Histogram(
+            "splitserve:request_queue_time_seconds",
+            "Time from request arrival until it was handed to the backend.",
+            buckets=_LATENCY_BUCKETS, registry=r)
+        self.requests = Counter(
+            "splitserve:router_requests_total",
+            "HTTP generation requests by endpoint and outcome.",
+            ["endpoint", "status"], registry=r)
+        self.prompt_tokens = Counter(
+            "splitserve:prompt_tokens_total", "Prompt tokens of accepted requests.", registry=r)
+        self.generation_tokens = Counter(
+            "splitserve:generation_tokens_total", "Output tokens streamed back.", registry=r)
+        self.routing_decisions = Counter(
+            "splitserve:routing_decisions_total",
+            "Pod choices by role, policy and pod.", ["role", "policy", "pod"], registry=r)
+        self.prefix_blocks_queried = Counter(
+            "splitserve:router_prefix_blocks_queried_total",
+            "Full prompt blocks of routed requests (denominator of the router's prefix-hit ratio).",
+            ["role"], registry=r)
+        self.prefix_blocks_matched = Counter(
+            "splitserve:router_prefix_blocks_matched_total",
+            "Prompt blocks the router believed cached on the chosen pod.", ["role"], registry=r)
+        self.prefix_hit_ratio = Histogram(
+            "splitserve:router_prefix_hit_ratio",
+            "Per request: matched blocks / prompt blocks on the chosen pod.",
+            ["role"], buckets=_RATIO_BUCKETS, registry=r)
+        self.retries = Counter(
+            "splitserve:router_retries_total",
+            "Retries by role and reason (pod failure, KV pull failure, lost stream).",
+            ["role", "reason"], registry=r)
+        self.pd_decisions = Counter(
+            "splitserve:pd_decisions_total",
+            "How requests were served: disaggregated, unified, recompute fallback...",
+            ["path"], registry=r)
+
+    def observe_routing(self, role: str, policy: str, pod: str,
+                        matched_blocks: int, prompt_blocks: int) -> None:
+        self.routing_decisions.labels(role, policy, pod).inc()
+        if prompt_blocks > 0:
+            self.prefix_blocks_queried.labels(role).inc(prompt_blocks)
+            self.prefix_blocks_matched.labels(role).inc(matched_blocks)
+            self.prefix_hit_ratio.labels(role).observe(matched_blocks / prompt_blocks)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

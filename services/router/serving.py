@@ -1,0 +1,204 @@
+"""The transport-free OpenAI core: ``GenerationInput`` in, a response body or
+SSE event strings out. FastAPI routes only convert and call this."""
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from contextlib import aclosing
+from dataclasses import dataclass, field, replace
+from typing import Any, Protocol
+
+from splitserve.engine.block_hash import hash_prompt_blocks
+from splitserve.engine.request import TokenLogprobs
+from splitserve.router import formatting as fmt
+from splitserve.router.backend import BackendError, BackendRequest, BackendUnavailableError, GenerationBackend
+from splitserve.router.choice_stream import ChoiceDelta, merge_choices, stream_choice
+from splitserve.router.detokenizer import Tokenizer
+from splitserve.router.errors import OpenAIError, internal_error, service_unavailable
+from splitserve.router.inputs import ChatTokenizer, GenerationInput, chat_input, completion_input
+from splitserve.router.metrics import RouterMetrics
+from splitserve.router.protocol import ChatCompletionRequest, CompletionRequest
+from splitserve.router.settings import RouterSettings
+
+_OBJECTS = {"chat": ("chatcmpl", "chat.completion"), "completion": ("cmpl", "text_completion")}
+
+
+class ServingTokenizer(Tokenizer, ChatTokenizer, Protocol):
+    """Encode, decode, chat template: a Hugging Face tokenizer satisfies it."""
+
+
+@dataclass
+class _Choice:
+    """Per-choice totals while a request runs."""
+
+    text: list[str] = field(default_factory=list)
+    num_tokens: int = 0
+    logprobs: list[TokenLogprobs] = field(default_factory=list)
+    finish_reason: str | None = None
+
+
+class OpenAIServing:
+    """Serves chat and completions requests on a ``GenerationBackend``."""
+
+    def __init__(self, backend: GenerationBackend, tokenizer: ServingTokenizer,
+                 settings: RouterSettings, metrics: RouterMetrics | None = None,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.backend = backend
+        self.tokenizer = tokenizer
+        self.settings = settings
+        self.metrics = metrics or RouterMetrics()
+        self._clock = clock
+
+    def list_models(self) -> dict[str, Any]:
+        created = int(self._clock())
+        return {"object": "list", "data": [
+            {"id": name, "object": "model", "created": created, "owned_by": "splitserve"}
+            for name in self.settings.served_model_names]}
+
+    def chat_input(self, request: ChatCompletionRequest, arrival_time: float) -> GenerationInput:
+        return self._counted("chat", chat_input, request, arrival_time)
+
+    def completion_input(self, request: CompletionRequest, arrival_time: float) -> GenerationInput:
+        return self._counted("completion", completion_input, request, arrival_time)
+
+    def _counted(self, endpoint: str, build: Callable[..., GenerationInput], request: Any,
+                 arrival_time: float) -> GenerationInput:
+        try:
+            return build(request, self.tokenizer, self.settings, arrival_time)
+        except OpenAIError:
+            self.metrics.requests.labels(endpoint, "rejected").inc()
+            raise
+
+    async def generate(self, inp: GenerationInput) -> dict[str, Any]:
+        """Run a non-streaming request to completion and return its body.
+        Raises ``OpenAIError`` (500/503) when the backend fails."""
+        prefix, obj = _OBJECTS[inp.endpoint]
+        request_id = f"{prefix}-{uuid.uuid4().hex}"
+        created = int(self._clock())
+        choices = [_Choice() for _ in range(inp.num_choices)]
+        try:
+            async with aclosing(self._deltas(inp, request_id)) as deltas:
+                async for delta in deltas:
+                    choice = choices[delta.index]
+                    choice.text.append(delta.text)
+                    choice.num_tokens += len(delta.token_ids)
+                    choice.logprobs.extend(delta.logprobs or ())
+                    choice.finish_reason = delta.finish_reason or choice.finish_reason
+        except BackendError as exc:
+            raise _backend_error(exc) from None
+        bodies = []
+        for index, choice in enumerate(choices):
+            text = "".join(choice.text)
+            if inp.endpoint == "chat":
+                lp = (fmt.chat_logprobs_content(self.tokenizer, choice.logprobs, inp.logprobs or 0)
+                      if inp.logprobs is not None else None)
+                bodies.append(fmt.chat_choice(index, text, choice.finish_reason, lp))
+            else:
+                clp = (fmt.CompletionLogprobsBuilder(self.tokenizer, inp.logprobs).build(choice.logprobs)
+                       if inp.logprobs is not None else None)
+                bodies.append(fmt.completion_choice(index, text, choice.finish_reason, clp))
+        usage = fmt.usage(sum(len(p) for p in inp.prompts), sum(c.num_tokens for c in choices))
+        return fmt.envelope(request_id, obj, created, inp.model, bodies, usage)
+
+    async def generate_stream(self, inp: GenerationInput) -> AsyncIterator[str]:
+        """Yield server-sent events (``data: ...\\n\\n``) ending with ``[DONE]``.
+
+        Closing this iterator (client disconnect) cancels every backend request
+        of it. A backend failure becomes an error event, as vLLM does.
+        """
+        prefix, obj = _OBJECTS[inp.endpoint]
+        request_id = f"{prefix}-{uuid.uuid4().hex}"
+        created = int(self._clock())
+        obj = obj + ".chunk" if inp.endpoint == "chat" else obj
+        prompt_tokens = sum(len(p) for p in inp.prompts)
+        completion_tokens = 0
+        builders = [fmt.CompletionLogprobsBuilder(self.tokenizer, inp.logprobs or 0)
+                    for _ in range(inp.num_choices)]
+
+        def event(choices: list[dict[str, Any]], with_usage: bool) -> str:
+            usage = fmt.usage(prompt_tokens, completion_tokens) if with_usage else None
+            body = fmt.envelope(request_id, obj, created, inp.model, choices, usage)
+            return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
+
+        if inp.endpoint == "chat":
+            for index in range(inp.num_choices):
+                yield event([fmt.chat_delta_choice(index, {"role": "assistant", "content": ""}, None, None)],
+                            inp.continuous_usage_stats)
+        try:
+            async with aclosing(self._deltas(inp, request_id)) as deltas:
+                async for delta in deltas:
+                    completion_tokens += len(delta.token_ids)
+                    if not delta.text and delta.finish_reason is None and inp.logprobs is None:
+                        continue
+                    yield event([self._stream_choice(inp, delta, builders)], inp.continuous_usage_stats)
+        except (BackendError, OpenAIError) as exc:
+            error = _backend_error(exc) if isinstance(exc, BackendError) else exc
+            yield f"data: {json.dumps(error.body())}\n\n"
+        else:
+            if inp.include_usage:
+                yield event([], True)
+        yield "data: [DONE]\n\n"
+
+    def _stream_choice(self, inp: GenerationInput, delta: ChoiceDelta,
+                       builders: list[fmt.CompletionLogprobsBuilder]) -> dict[str, Any]:
+        entries = delta.logprobs or ()
+        if inp.endpoint == "chat":
+            lp = (fmt.chat_logprobs_content(self.tokenizer, entries, inp.logprobs or 0)
+                  if inp.logprobs is not None else None)
+            body = {"content": delta.text} if delta.text or delta.finish_reason is None else {}
+            return fmt.chat_delta_choice(delta.index, body, delta.finish_reason, lp)
+        clp = builders[delta.index].build(entries) if inp.logprobs is not None else None
+        return fmt.completion_choice(delta.index, delta.text, delta.finish_reason, clp)
+
+    async def _deltas(self, inp: GenerationInput, request_id: str) -> AsyncIterator[ChoiceDelta]:
+        """All choices' deltas, with router-side latency metrics and outcome."""
+        metrics = self.metrics
+        streams = [stream_choice(self.backend, r, i, self.tokenizer, inp.stop)
+                   for i, r in enumerate(self.backend_requests(inp, request_id))]
+        metrics.prompt_tokens.inc(sum(len(p) for p in inp.prompts))
+        metrics.request_queue_time.observe(time.monotonic() - inp.arrival_time)
+        status = "cancelled"
+        last_token_time: list[float | None] = [None] * inp.num_choices
+        try:
+            async with aclosing(merge_choices(streams)) as merged:
+                async for delta in merged:
+                    now = time.monotonic()
+                    if delta.token_ids:
+                        previous = last_token_time[delta.index]
+                        if previous is None:
+                            metrics.time_to_first_token.observe(now - inp.arrival_time)
+                        else:
+                            metrics.inter_token_latency.observe((now - previous) / len(delta.token_ids))
+                        last_token_time[delta.index] = now
+                        metrics.generation_tokens.inc(len(delta.token_ids))
+                    yield delta
+            status = "success"
+            metrics.e2e_request_latency.observe(time.monotonic() - inp.arrival_time)
+        except BackendError:
+            status = "error"
+            raise
+        finally:
+            metrics.requests.labels(inp.endpoint, status).inc()
+
+    def backend_requests(self, inp: GenerationInput, request_id: str) -> list[BackendRequest]:
+        """Fan out prompts x n into per-choice requests (choice = prompt * n + i)."""
+        params = inp.sampling_params
+        out = []
+        for p_index, prompt in enumerate(inp.prompts):
+            hashes = tuple(hash_prompt_blocks(prompt, self.settings.block_size, salt=inp.cache_salt))
+            for i in range(params.n):
+                index = p_index * params.n + i
+                out.append(BackendRequest(
+                    request_id=f"{request_id}-{index}", prompt_token_ids=prompt,
+                    sampling_params=replace(params, n=1, seed=inp.choice_seed(i)),
+                    block_hashes=hashes, cache_salt=inp.cache_salt, user=inp.user,
+                    arrival_time=inp.arrival_time))
+        return out
+
+
+def _backend_error(exc: BackendError) -> OpenAIError:
+    if isinstance(exc, BackendUnavailableError):
+        return service_unavailable(f"no pod could take the request: {exc}")
+    return internal_error(f"generation failed: {exc}")

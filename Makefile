@@ -36,3 +36,17 @@ bench: install
 
 clean:
 	rm -rf $(VENV) .cache build *.egg-info
+
+# vLLM's CPU build next to splitserve, measured in the same run. vLLM lives in
+# its own venv (~3.5 GB, ~/.cache/splitserve/peers/vllm-venv; override with
+# SPLITSERVE_VLLM_VENV), never in $(VENV). PEER_ARGS=--quick for the small run.
+PEER_ARGS ?=
+bench-peers: install
+	$(PY) bench/peers/vllm_env.py ensure --quiet
+	@if [ -f bench/engine_throughput.py ] && $(PY) bench/engine_throughput.py --help 2>/dev/null | grep -q -- '--peer'; then \
+		echo "+ $(PY) bench/engine_throughput.py $(PEER_ARGS) --peer vllm"; \
+		$(PY) bench/engine_throughput.py $(PEER_ARGS) --peer vllm; \
+	else \
+		echo "+ $(PY) bench/peers/vllm_runner.py $(PEER_ARGS) --dtype float32 bfloat16 --threads 2"; \
+		$(PY) bench/peers/vllm_runner.py $(PEER_ARGS) --dtype float32 bfloat16 --threads 2 --json .cache/bench/vllm-offline.json; \
+	fi

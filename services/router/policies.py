@@ -1,0 +1,237 @@
+"""Pod choice policies. Deterministic: router replicas with the same view of
+pods, loads and prefix indexes pick the same pod (no per-process randomness;
+rendezvous weights come from BLAKE2b, never Python's ``hash()``)."""
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from fractions import Fraction
+from typing import Protocol
+
+from splitserve.engine.block_hash import BlockHash, hash_prompt_blocks
+from splitserve.router.backend import BackendUnavailableError
+from splitserve.router.pod_state import PodState
+from splitserve.router.prefix_index import PrefixIndexMap
+
+
+class NoReadyPodError(BackendUnavailableError):
+    """No ready pod of the needed role; the request cannot start now."""
+
+
+@dataclass(frozen=True)
+class RouteRequest:
+    """What a policy sees of a request. ``affinity_key`` places cold prompts:
+    the first block's hash, or for a prompt shorter than a block, a hash of
+    its tokens (so equal short prompts also meet on one pod)."""
+
+    block_hashes: tuple[BlockHash, ...]
+    num_prompt_tokens: int
+    affinity_key: bytes
+
+    @classmethod
+    def from_prompt(cls, token_ids: Sequence[int], block_size: int, salt: str | None = None,
+                    block_hashes: Sequence[BlockHash] | None = None) -> RouteRequest:
+        hashes = tuple(block_hashes if block_hashes is not None
+                       else hash_prompt_blocks(token_ids, block_size, salt=salt))
+        if hashes:
+            key = hashes[0]
+        elif token_ids:
+            key = hash_prompt_blocks(token_ids, len(token_ids), salt=salt)[0]
+        else:
+            key = b""
+        return cls(hashes, len(token_ids), key)
+
+
+@dataclass(frozen=True)
+class RouteDecision:
+    """The chosen pod, the blocks believed cached there, and why (a bounded
+    label: affinity, hash, bounded, least_loaded, round_robin, prefix)."""
+
+    pod_id: str
+    matched_blocks: int
+    reason: str
+
+
+class RoutingPolicy(Protocol):
+    """Chooses one of ``pods`` (ready pods, sorted by id) for ``request``.
+
+    Pure apart from the policy's own counters (round robin); the caller
+    records the assignment (``PodPool.note_assigned``, prefix index).
+    Raises ``NoReadyPodError`` when ``pods`` is empty.
+    """
+
+    name: str
+
+    def choose(self, request: RouteRequest, pods: Sequence[PodState],
+               index: PrefixIndexMap) -> RouteDecision: ...
+
+
+def rendezvous_weight(key: bytes, pod_id: str) -> int:
+    digest = hashlib.blake2b(key + b"\x00" + pod_id.encode("utf-8"), digest_size=8).digest()
+    return int.from_bytes(digest, "big")
+
+
+def rendezvous_order(key: bytes, pods: Sequence[PodState]) -> list[PodState]:
+    """Pods by descending rendezvous weight for ``key`` (ties by id)."""
+    return sorted(pods, key=lambda p: (-rendezvous_weight(key, p.pod_id), p.pod_id))
+
+
+def load_bound(pods: Sequence[PodState], load_factor: Fraction) -> int:
+    """Most requests one pod may hold after this assignment:
+    ceil(c * (total in flight + 1) / pods). With c >= 1 some pod is always under it."""
+    total = sum(p.load.num_requests for p in pods) + 1
+    return math.ceil(load_factor * total / len(pods))
+
+
+def _under_bound(order: Sequence[PodState], load_factor: Fraction) -> list[PodState]:
+    cap = load_bound(order, load_factor)
+    return [p for p in order if p.load.num_requests + 1 <= cap] or list(order)
+
+
+def _require(pods: Sequence[PodState], role: str = "prefill") -> None:
+    if not pods:
+        raise NoReadyPodError(f"no ready {role} pod; check that pods are up and pass readiness")
+
+
+def _factor(load_factor: float) -> Fraction:
+    if load_factor < 1:
+        raise ValueError(f"load_factor must be >= 1 (1.25 is typical), got {load_factor}")
+    return Fraction(load_factor).limit_denominator(1000)
+
+
+class KvAffinityPolicy:
+    """Most cached prefix, minus load; cold prompts by rendezvous hashing.
+
+    score = matched_blocks * block_size * affinity_weight
+            - queued_prompt_tokens * load_weight
+    (both in tokens: with weights 1 this minimises the prompt tokens a pod has
+    to compute before this request is done). Ties go by rendezvous order of
+    ``affinity_key``; prompts no pod holds go to the first pod in that order.
+    Bounded load: only pods under ``load_bound`` are candidates, so a hot
+    prefix spills to the next pods in its rendezvous order.
+    """
+
+    name = "kv_affinity"
+
+    def __init__(self, block_size: int, load_factor: float = 1.25,
+                 affinity_weight: float = 1.0, load_weight: float = 1.0) -> None:
+        self.block_size = block_size
+        self.load_factor = _factor(load_factor)
+        self.affinity_weight = affinity_weight
+        self.load_weight = load_weight
+
+    def choose(self, request: RouteRequest, pods: Sequence[PodState],
+               index: PrefixIndexMap) -> RouteDecision:
+        _require(pods)
+        order = rendezvous_order(request.affinity_key, pods)
+        candidates = _under_bound(order, self.load_factor)
+        matches = {p.pod_id: index.match_length(p.pod_id, request.block_hashes) for p in candidates}
+        if max(matches.values()) == 0:
+            chosen = candidates[0]
+            reason = "hash" if chosen is order[0] else "bounded"
+            return RouteDecision(chosen.pod_id, 0, reason)
+
+        def score(pod: PodState) -> float:
+            return (matches[pod.pod_id] * self.block_size * self.affinity_weight
+                    - pod.load.queued_prompt_tokens * self.load_weight)
+
+        chosen = max(candidates, key=score)  # max keeps the first best: rendezvous order breaks ties
+        return RouteDecision(chosen.pod_id, matches[chosen.pod_id], "affinity")
+
+
+class ConsistentHashPolicy:
+    """Rendezvous hashing of ``affinity_key`` with bounded load."""
+
+    name = "consistent_hash"
+
+    def __init__(self, load_factor: float = 1.25) -> None:
+        self.load_factor = _factor(load_factor)
+
+    def choose(self, request: RouteRequest, pods: Sequence[PodState],
+               index: PrefixIndexMap) -> RouteDecision:
+        _require(pods)
+        order = rendezvous_order(request.affinity_key, pods)
+        chosen = _under_bound(order, self.load_factor)[0]
+        return RouteDecision(chosen.pod_id, index.match_length(chosen.pod_id, request.block_hashes),
+                             "hash" if chosen is order[0] else "bounded")
+
+
+class LeastLoadedPolicy:
+    """Fewest queued prompt tokens, then fewest requests in flight."""
+
+    name = "least_loaded"
+
+    def choose(self, request: RouteRequest, pods: Sequence[PodState],
+               index: PrefixIndexMap) -> RouteDecision:
+        _require(pods)
+        order = rendezvous_order(request.affinity_key, pods)
+        chosen = min(order, key=lambda p: (p.load.queued_prompt_tokens, p.load.num_requests))
+        return RouteDecision(chosen.pod_id, index.match_length(chosen.pod_id, request.block_hashes),
+                             "least_loaded")
+
+
+class RoundRobinPolicy:
+    """Ready pods in id order, in turn (the only policy with state: a counter)."""
+
+    name = "round_robin"
+
+    def __init__(self) -> None:
+        self._next = 0
+
+    def choose(self, request: RouteRequest, pods: Sequence[PodState],
+               index: PrefixIndexMap) -> RouteDecision:
+        _require(pods)
+        chosen = pods[self._next % len(pods)]
+        self._next += 1
+        return RouteDecision(chosen.pod_id, index.match_length(chosen.pod_id, request.block_hashes),
+                             "round_robin")
+
+
+class DecodePolicy:
+    """Decode choice: a pod already holding the conversation's prefix first
+    (multi-turn: less to pull), then fewest sequences in flight, then most
+    free KV blocks. Pods over the load bound, or without room for the
+    request's blocks (when their block counts are known), are skipped while
+    any other pod qualifies."""
+
+    name = "decode"
+
+    def __init__(self, block_size: int, load_factor: float = 1.25) -> None:
+        self.block_size = block_size
+        self.load_factor = _factor(load_factor)
+
+    def choose(self, request: RouteRequest, pods: Sequence[PodState],
+               index: PrefixIndexMap) -> RouteDecision:
+        _require(pods, "decode")
+        order = rendezvous_order(request.affinity_key, pods)
+        matches = {p.pod_id: index.match_length(p.pod_id, request.block_hashes) for p in order}
+        needed = -(-(request.num_prompt_tokens + 1) // self.block_size)
+
+        def fits(pod: PodState) -> bool:
+            room = pod.load.total_blocks == 0 or pod.load.free_blocks >= needed - matches[pod.pod_id]
+            return room
+
+        bounded = _under_bound(order, self.load_factor)
+        candidates = [p for p in bounded if fits(p)] or bounded
+        chosen = min(candidates, key=lambda p: (-matches[p.pod_id], p.load.num_requests,
+                                                -p.load.free_blocks))
+        return RouteDecision(chosen.pod_id, matches[chosen.pod_id],
+                             "prefix" if matches[chosen.pod_id] else "least_loaded")
+
+
+PREFILL_POLICIES = ("kv_affinity", "consistent_hash", "least_loaded", "round_robin")
+
+
+def make_policy(name: str, block_size: int, load_factor: float = 1.25) -> RoutingPolicy:
+    """Build a prefill policy by its CLI name."""
+    if name == "kv_affinity":
+        return KvAffinityPolicy(block_size, load_factor)
+    if name == "consistent_hash":
+        return ConsistentHashPolicy(load_factor)
+    if name == "least_loaded":
+        return LeastLoadedPolicy()
+    if name == "round_robin":
+        return RoundRobinPolicy()
+    raise ValueError(f"unknown routing policy {name!r}; choose one of {', '.join(PREFILL_POLICIES)}")

@@ -16,6 +16,7 @@ from splitserve import __version__
 # ``splitserve --help`` does not load torch.
 COMMAND_MODULES = (
     "splitserve.up_command",
+    "splitserve.model_command",
 )
 
 

@@ -1,0 +1,67 @@
+"""The built-in tiny checkpoint: deterministic bytes, a working tokenizer, loadable by transformers."""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+
+from splitserve.cli import main as cli_main
+from splitserve.engine.tiny_model import IM_END, IM_START, END_OF_TEXT, TinyModelSpec, write_tiny_model
+from splitserve.engine.tokenizer import eos_token_ids, load_tokenizer
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
+
+
+def _digests(folder: Path) -> dict[str, str]:
+    return {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in sorted(folder.iterdir())}
+
+
+def test_cli_writes_identical_bytes(tiny_dir: Path, tmp_path: Path) -> None:
+    assert cli_main(["model", "tiny", "--out", str(tmp_path / "again")]) == 0
+    assert _digests(tmp_path / "again") == _digests(tiny_dir)
+
+
+def test_other_seed_changes_weights(tiny_dir: Path, tmp_path: Path) -> None:
+    other = write_tiny_model(tmp_path / "other", TinyModelSpec(seed=1))
+    assert _digests(other)["model.safetensors"] != _digests(tiny_dir)["model.safetensors"]
+    assert _digests(other)["tokenizer.json"] == _digests(tiny_dir)["tokenizer.json"]
+
+
+def test_byte_level_round_trip_and_chat_template(tiny_dir: Path) -> None:
+    tok = load_tokenizer(tiny_dir)
+    text = "hello the world, héllo 日本語 🙂\n\ttabs"
+    ids = tok.encode(text, add_special_tokens=False)
+    assert tok.decode(ids) == text
+    assert max(ids) < len(tok) <= json.loads((tiny_dir / "config.json").read_text())["vocab_size"]
+    chat = tok.apply_chat_template([{"role": "user", "content": "hi"}], add_generation_prompt=True,
+                                   return_dict=False)
+    assert tok.decode(chat) == f"{IM_START}user\nhi{IM_END}\n{IM_START}assistant\n"
+    assert chat[0] == tok.convert_tokens_to_ids(IM_START)
+
+
+def test_eos_ids_union_of_configs_and_tokenizer(tiny_dir: Path) -> None:
+    tok = load_tokenizer(tiny_dir)
+    ids = eos_token_ids(tiny_dir, tok)
+    assert ids == {tok.convert_tokens_to_ids(END_OF_TEXT), tok.convert_tokens_to_ids(IM_END)}
+
+
+def test_missing_tokenizer_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_tokenizer(tmp_path / "nope")
+    with pytest.raises(FileNotFoundError, match="no tokenizer"):
+        load_tokenizer(tmp_path)
+
+
+def test_transformers_loads_it(tiny_dir: Path) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_dir))
+    logits = model(torch.tensor([[1, 2, 3]])).logits
+    assert logits.shape == (1, 3, TinyModelSpec().vocab_size)
+    assert torch.isfinite(logits).all()

@@ -12,6 +12,7 @@ import enum
 import time
 from dataclasses import dataclass, field
 
+from splitserve.engine.block_hash import BlockHash
 from splitserve.engine.sampling_params import SamplingParams
 
 
@@ -23,6 +24,9 @@ class RequestStatus(enum.IntEnum):
     FINISHED_STOPPED = 5
     FINISHED_LENGTH = 6
     FINISHED_ABORTED = 7
+    # A prefill-only request sampled its first token; its KV blocks stay held
+    # for a decoder to pull. Finished here, but the request goes on elsewhere.
+    FINISHED_HANDED_OFF = 8
 
     @property
     def is_finished(self) -> bool:
@@ -58,6 +62,12 @@ class Request:
 
     ``seed`` is always resolved (drawn at arrival when the client gave none)
     so sampling is position-keyed and reproducible.
+
+    Disaggregation: a ``prefill_only`` request finishes after its first sampled
+    token with its blocks held for a decoder (``FINISHED_HANDED_OFF``). A
+    request with ``num_remote_tokens > 0`` arrives with the KV of its first
+    ``num_remote_tokens`` tokens on a remote pod; the scheduler parks it in
+    ``WAITING_FOR_REMOTE_KV`` until the pull completes.
     """
 
     request_id: str
@@ -66,6 +76,8 @@ class Request:
     seed: int
     eos_token_ids: frozenset[int] = frozenset()
     cache_salt: str | None = None
+    prefill_only: bool = False
+    num_remote_tokens: int = 0
     arrival_time: float = field(default_factory=time.monotonic)
 
     token_ids: list[int] = field(init=False)
@@ -76,6 +88,10 @@ class Request:
     num_preemptions: int = 0
     logprobs: list[TokenLogprobs] = field(default_factory=list)
     first_scheduled_time: float | None = None
+    # Chained hashes of every full block of token_ids (extended as tokens are
+    # appended) and how many leading blocks are committed to the prefix cache.
+    block_hashes: list[BlockHash] = field(default_factory=list)
+    num_committed_blocks: int = 0
 
     def __post_init__(self) -> None:
         self.prompt_token_ids = list(self.prompt_token_ids)
@@ -105,3 +121,21 @@ class Request:
         self.token_ids.append(token_id)
         if logprobs is not None:
             self.logprobs.append(logprobs)
+
+    def check_stop(self, max_model_len: int) -> RequestStatus | None:
+        """The finished status the last appended token causes, else None.
+
+        ``min_tokens`` holds back eos and stop tokens, never the length limits.
+        """
+        params = self.sampling_params
+        if self.num_output_tokens >= params.min_tokens and self.num_output_tokens > 0:
+            last = self.token_ids[-1]
+            if not params.ignore_eos and last in self.eos_token_ids:
+                return RequestStatus.FINISHED_STOPPED
+            if last in params.stop_token_ids:
+                return RequestStatus.FINISHED_STOPPED
+        if params.max_tokens is not None and self.num_output_tokens >= params.max_tokens:
+            return RequestStatus.FINISHED_LENGTH
+        if self.num_tokens >= max_model_len:
+            return RequestStatus.FINISHED_LENGTH
+        return None

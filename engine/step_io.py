@@ -6,6 +6,23 @@ from dataclasses import dataclass, field
 from splitserve.engine.request import Request, TokenLogprobs
 
 
+@dataclass(frozen=True)
+class RemoteKVLoad:
+    """Blocks a request waiting for remote KV needs filled by a pull.
+
+    ``block_ids[j]`` (this engine's block) must receive the remote block at
+    position ``remote_block_indices[j]`` of the sender's block list (the KV
+    handle's ``block_ids``, in token order). Leading blocks this engine
+    already had in its prefix cache (``num_local_hit_tokens``) are left out.
+    """
+
+    request_id: str
+    block_ids: tuple[int, ...]
+    remote_block_indices: tuple[int, ...]
+    num_remote_tokens: int
+    num_local_hit_tokens: int
+
+
 @dataclass
 class SchedulerOutput:
     """What one engine step computes.
@@ -24,6 +41,9 @@ class SchedulerOutput:
     samples: list[bool] = field(default_factory=list)
     preempted_request_ids: list[str] = field(default_factory=list)
     finished_request_ids: list[str] = field(default_factory=list)
+    # Requests that got their blocks this step and now wait for a KV pull;
+    # the runner ignores these, the engine's caller starts the transfers.
+    remote_kv_loads: list[RemoteKVLoad] = field(default_factory=list)
 
     @property
     def total_num_scheduled_tokens(self) -> int:

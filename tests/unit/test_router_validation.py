@@ -8,8 +8,6 @@ from test_router_support import MODEL, make_client, make_serving
 
 from splitserve.router.settings import API_KEY_ENV, RouterSettings, settings_from_env
 
-pytestmark = pytest.mark.asyncio
-
 CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}]}
 COMP = {"model": MODEL, "prompt": "hi"}
 LIMITS = dict(max_prompt_tokens=50, max_tokens_limit=100, max_n=4, max_request_body_bytes=2000)
@@ -56,6 +54,7 @@ BAD_REQUESTS = [
 
 
 @pytest.mark.parametrize(("path", "body", "param"), BAD_REQUESTS)
+@pytest.mark.asyncio
 async def test_bad_requests_are_400_and_never_reach_the_backend(path: str, body: dict[str, Any],
                                                                 param: str | None) -> None:
     serving = make_serving(**LIMITS)
@@ -68,6 +67,7 @@ async def test_bad_requests_are_400_and_never_reach_the_backend(path: str, body:
 
 
 @pytest.mark.parametrize("raw", [b"{not json", b"[1, 2]", b"\xff\xfe", b""])
+@pytest.mark.asyncio
 async def test_malformed_json_is_400(raw: bytes) -> None:
     serving = make_serving()
     async with make_client(serving) as client:
@@ -76,6 +76,7 @@ async def test_malformed_json_is_400(raw: bytes) -> None:
     assert serving.backend.requests == []
 
 
+@pytest.mark.asyncio
 async def test_unknown_model_is_404_like_vllm() -> None:
     serving = make_serving()
     async with make_client(serving) as client:
@@ -85,6 +86,7 @@ async def test_unknown_model_is_404_like_vllm() -> None:
     assert serving.backend.requests == []
 
 
+@pytest.mark.asyncio
 async def test_body_too_large_is_413_by_header_and_by_body() -> None:
     serving = make_serving(**LIMITS)
     big = {**COMP, "prompt": "x" * 5000}
@@ -102,6 +104,7 @@ async def test_body_too_large_is_413_by_header_and_by_body() -> None:
 
 @pytest.mark.parametrize("path,method", [("/v1/chat/completions", "post"), ("/v1/completions", "post"),
                                          ("/v1/models", "get")])
+@pytest.mark.asyncio
 async def test_api_key_required_on_v1(path: str, method: str) -> None:
     serving = make_serving(api_key="sk-right")
     body = CHAT if "chat" in path else COMP

@@ -1,5 +1,5 @@
-"""Shared helpers of the router tests (no tests here): a small byte-level BPE
-tokenizer with a ChatML template, and an app on a FakeBackend."""
+"""Shared helpers of the router tests (no tests here): the tiny model's
+tokenizer, and an app on a FakeBackend."""
 from __future__ import annotations
 
 import functools
@@ -10,36 +10,22 @@ from typing import Any
 
 import httpx
 
+from splitserve.engine.tiny_model import write_tokenizer
+from splitserve.engine.tokenizer import load_tokenizer
 from splitserve.router.app import create_app
 from splitserve.router.fake_backend import FakeBackend
 from splitserve.router.serving import OpenAIServing
 from splitserve.router.settings import RouterSettings
 
 MODEL = "tiny"
-CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
-          "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
-_CORPUS = ["hello world, the quick brown fox jumps over the lazy dog. STOP here. "
-           "héllo wörld 日本語 🙂 naïve café"] * 20
 
 
 @functools.lru_cache(maxsize=1)
 def tokenizer() -> Any:
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import AutoTokenizer
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=400, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(_CORPUS, trainer)
+    """The built-in tiny model's byte-level ChatML tokenizer (no weights needed)."""
     out = Path(tempfile.mkdtemp(prefix="router-tok-"))
-    tok.save(str(out / "tokenizer.json"))
-    (out / "tokenizer_config.json").write_text(json.dumps({
-        "tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<|im_end|>",
-        "chat_template": CHATML, "model_max_length": 4096}))
-    return AutoTokenizer.from_pretrained(str(out))
+    write_tokenizer(out)
+    return load_tokenizer(out)
 
 
 def encode(text: str) -> list[int]:

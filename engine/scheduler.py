@@ -139,6 +139,10 @@ class Scheduler:
                 self._pending_outputs.append(self._final_output(request))
                 continue
             while not self._try_allocate(request, num_new):
+                # Blocks parked under waiting requests (pulled KV) yield first:
+                # otherwise a running request could preempt itself forever.
+                if self._release_waiting_blocks(None):
+                    continue
                 victim = self.running.pop()
                 self._preempt(victim)
                 out.preempted_request_ids.append(victim.request_id)
@@ -342,7 +346,7 @@ class Scheduler:
         self.waiting_for_remote_kv[request.request_id] = request
         return True
 
-    def _release_waiting_blocks(self, blocked: Request) -> bool:
+    def _release_waiting_blocks(self, blocked: Request | None) -> bool:
         """Free the blocks of the newest other waiting request that holds some
         (its KV arrived but it is not running), so ``blocked`` can proceed
         instead of every queued request holding blocks and none running."""

@@ -67,7 +67,11 @@ class NixlTransport(BaseTransport):
         try:
             self._agent: Any = nixl_agent(agent_name, config)
         except Exception as exc:  # the bindings raise bare RuntimeError/nixlError
-            raise KVTransferError(f"cannot create NIXL agent {agent_name!r}: {exc}") from exc
+            raise KVTransferError(
+                f"cannot create NIXL agent {agent_name!r}: {exc} (UCX_TLS="
+                f"{os.environ.get('UCX_TLS', '<unset>')!r}; NIXL also needs a transport that "
+                "reaches its own agent, e.g. include tcp, or leave UCX_TLS unset)"
+            ) from exc
         if "UCX" not in self._agent.backends:
             raise KVTransferError("NIXL's UCX plugin is missing; check the nixl installation")
         self.kv_cache = kv_cache

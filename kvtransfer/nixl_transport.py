@@ -140,7 +140,11 @@ class NixlTransport(BaseTransport):
         except Exception as exc:
             raise KVTransferError(f"NIXL could not prepare the READ: {exc}") from exc
         read.wire = xfer
-        return self._status(read, self._agent.transfer(xfer))
+        try:
+            status = self._agent.transfer(xfer)
+        except Exception as exc:  # e.g. nixlRemoteDisconnectError: the peer died
+            raise KVTransferError(f"NIXL could not post the READ: {exc}") from exc
+        return self._status(read, status)
 
     def _wire_progress(self, read: _Read) -> TransferState:
         try:

@@ -191,8 +191,11 @@ def _paged_decode_kernel(
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
+    token = tl.load(query_start_loc_ptr + seq)
+    if tl.load(query_start_loc_ptr + seq + 1) - token != 1:  # an idle sequence (no query row)
+        return
+    token = token.to(tl.int64)
     seq_len = tl.load(seq_lens_ptr + seq)
-    token = tl.load(query_start_loc_ptr + seq).to(tl.int64)
     # Splits cover whole tiles so no tile straddles two programs.
     split_len = tl.cdiv(tl.cdiv(seq_len, NUM_SPLITS), BLOCK_N) * BLOCK_N
     kv_start = split * split_len
@@ -249,7 +252,10 @@ def _paged_decode_reduce_kernel(
 ):
     seq = tl.program_id(0)
     head = tl.program_id(1)
-    token = tl.load(query_start_loc_ptr + seq).to(tl.int64)
+    token = tl.load(query_start_loc_ptr + seq)
+    if tl.load(query_start_loc_ptr + seq + 1) - token != 1:
+        return
+    token = token.to(tl.int64)
     splits = tl.arange(0, SPLITS_PAD)
     split_mask = splits < NUM_SPLITS
     dims = tl.arange(0, DIM_PAD)
@@ -271,7 +277,7 @@ def _check_batch(
     seq_lens: torch.Tensor,
     query_start_loc: torch.Tensor,
 ) -> tuple[int, int, int]:
-    """Validate the batch's contents with one host sync; return (max_q_len, min_q_len, max_seq_len)."""
+    """Validate the batch's contents with one host sync; return (max_query_len, max_seq_len)."""
     num_blocks, block_size = kv_cache.shape[0], kv_cache.shape[3]
     max_blocks_per_seq = block_tables.shape[1]
     q_lens = query_start_loc[1:] - query_start_loc[:-1]
@@ -302,7 +308,7 @@ def _check_batch(
             f"block_tables entries in use must lie in [0, {num_blocks}) (the cache's blocks), "
             f"got range [{min_block}, {max_block}]"
         )
-    return max_q, min_q, max_seq
+    return max_q, max_seq
 
 
 def _num_splits(device: torch.device, num_seqs: int, num_kv_heads: int, max_seq_len: int) -> int:
@@ -325,6 +331,9 @@ def paged_attention(
     *,
     out: torch.Tensor | None = None,  # [num_tokens, num_heads, head_dim]
     num_splits: int | None = None,
+    validate: bool = True,
+    max_query_len: int | None = None,
+    max_seq_len: int | None = None,
 ) -> torch.Tensor:  # [num_tokens, num_heads, head_dim]
     """Triton ``paged_attention_reference`` (same arguments, same maths; see the module docstring).
 
@@ -334,12 +343,18 @@ def paged_attention(
     ``num_heads`` a multiple of ``num_kv_heads``; the index tensors int32/int64
     and contiguous in their last dim; every block-table entry covering
     ``seq_lens[s]`` tokens inside the pool. When every sequence has exactly one
-    query row the split-KV decode kernels run (``num_splits`` partitions per
-    sequence, chosen from the SM count when ``None``), otherwise the prefill
-    kernel. The result goes to ``out`` when given (rows no sequence owns are
-    left untouched) and is returned. Inputs live on one GPU, or on the CPU
-    under ``TRITON_INTERPRET=1``. Bad input raises ``ValueError``/``TypeError``
-    before any kernel runs; the checks cost one host sync.
+    query row (or none) the split-KV decode kernels run (``num_splits``
+    partitions per sequence, chosen from the SM count when ``None``), otherwise
+    the prefill kernel. The result goes to ``out`` when given (rows no
+    sequence owns are left untouched) and is returned. Inputs live on one GPU,
+    or on the CPU under ``TRITON_INTERPRET=1``. Bad input raises
+    ``ValueError``/``TypeError`` before any kernel runs.
+
+    The checks of the index tensors' contents cost one host sync. A caller
+    that builds the batch itself (the engine, once per step for every layer)
+    may pass ``validate=False`` with ``max_query_len`` and ``max_seq_len``
+    (upper bounds over the batch, known on the host) to launch with no sync;
+    shapes, dtypes and devices are still checked.
     """
     require_triton()
     check_kv_cache(kv_cache, layer, SUPPORTED_BLOCK_SIZES)
@@ -383,8 +398,12 @@ def paged_attention(
         check_device(name, t, query.device)
     if num_seqs == 0 or num_tokens == 0:
         return out
-    max_q_len, min_q_len, max_seq_len = _check_batch(query, kv_cache, block_tables, seq_lens, query_start_loc)
-    if max_q_len == 0:
+    if validate:
+        max_query_len, max_seq_len = _check_batch(query, kv_cache, block_tables, seq_lens, query_start_loc)
+    elif max_query_len is None or max_seq_len is None:
+        q_lens = query_start_loc[1:] - query_start_loc[:-1]
+        max_query_len, max_seq_len = (int(x) for x in torch.stack([q_lens.max(), seq_lens.max()]).tolist())
+    if max_query_len <= 0:
         return out
 
     group = num_heads // num_kv_heads
@@ -398,7 +417,7 @@ def paged_attention(
         kv_cache.stride(0), kv_cache.stride(2), kv_cache.stride(3), kv_cache.stride(4),
     )
     small = query.dtype == torch.float32 or head_dim > 64
-    if max_q_len == 1 and min_q_len == 1:
+    if max_query_len == 1:
         splits = num_splits or _num_splits(query.device, num_seqs, num_kv_heads, max_seq_len)
         block_n = 32 if small else 64
         part_acc = part_ml = out  # unused placeholders when there is a single split
@@ -420,10 +439,10 @@ def paged_attention(
         return out
 
     # Tile rows fit the longest query so decode rows in a mixed batch don't pay for 128-row tiles.
-    block_m = min(max(16, next_power_of_2(max_q_len * group)), 64 if small else 128)
+    block_m = min(max(16, next_power_of_2(max_query_len * group)), 64 if small else 128)
     block_m = max(block_m, next_power_of_2(group))
     block_q = block_m // group
-    _paged_prefill_kernel[(num_seqs, cdiv(max_q_len, block_q), num_kv_heads)](
+    _paged_prefill_kernel[(num_seqs, cdiv(max_query_len, block_q), num_kv_heads)](
         out, query, kv_cache, block_tables, seq_lens, query_start_loc, *common,
         GROUP=group, HEAD_DIM=head_dim, DIM_PAD=dim_pad, BLOCK_SIZE=block_size,
         BLOCK_M=block_m, BLOCK_N=32 if small else 64, UPCAST=upcast, PRECISION=precision,

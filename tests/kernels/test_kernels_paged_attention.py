@@ -63,6 +63,16 @@ def test_decode_long_context_many_splits(num_splits) -> None:
     _assert_matches(batch, paged_attention(*batch.args(), num_splits=num_splits))
 
 
+@pytest.mark.parametrize("num_splits", [1, 2])
+def test_decode_with_an_idle_sequence_and_no_sync(num_splits) -> None:
+    batch = make_batch(
+        [1, 0, 1], [40, 12, 75], num_heads=4, num_kv_heads=1, head_dim=64, block_size=16, dtype=torch.float32
+    )
+    out = torch.zeros_like(batch.query)
+    paged_attention(*batch.args(), out=out, num_splits=num_splits, validate=False, max_query_len=1, max_seq_len=75)
+    _assert_matches(batch, out)
+
+
 def test_mixed_batch_runs_the_prefill_path() -> None:
     batch = make_batch(
         [1, 40, 1], [90, 40, 33], num_heads=4, num_kv_heads=2, head_dim=64, block_size=16, dtype=torch.float32

@@ -9,7 +9,7 @@ import itertools
 import time
 from abc import abstractmethod
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from .descriptors import BlockRun, check_block_range, coalesce_runs
 from .errors import KVTransferError, StalePeerError, UnknownPeerError, UnknownTransferError
@@ -35,7 +35,6 @@ class _Read:
     state: TransferState = TransferState.PENDING
     wire: object = None
     error: str | None = None
-    peer_wire: object = field(default=None)
 
 
 class BaseTransport(KVTransport):
@@ -150,7 +149,7 @@ class BaseTransport(KVTransport):
             num_bytes=len(remote_block_ids) * peer.layout.block_bytes,
             deadline=now + timeout,
         )
-        read = _Read(handle, runs, notification or b"", started=now, peer_wire=live.wire)
+        read = _Read(handle, runs, notification or b"", started=now)
         self._reads[handle.transfer_id] = read
         self.metrics.transfers_started += 1
         self.metrics.reads_in_flight += 1

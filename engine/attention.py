@@ -1,0 +1,161 @@
+"""Attention backends: store a step's K/V into the paged cache, then attend.
+
+The runner builds one ``AttentionMetadata`` per step (nano-vllm style) and
+passes it down to every layer explicitly; nothing lives in module globals.
+Backends: ``torch`` (CPU, and anywhere as a fallback) and ``triton`` (CUDA;
+``splitserve.kernels`` kernels, imported lazily).
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class AttentionMetadata:
+    """The step's layout, shared by all layers.
+
+    ``slot_mapping[t]``: cache slot (``block * block_size + offset``) of token
+    row ``t``. ``block_tables[s]``: sequence ``s``'s blocks (padded with 0).
+    ``seq_lens[s]``: context length after this step (cached + new).
+    ``query_start_loc``: row offsets of each sequence's new tokens, ``[S+1]``.
+    ``decode_only``: every sequence has exactly one new row.
+    """
+
+    slot_mapping: torch.Tensor  # [T] int64
+    block_tables: torch.Tensor  # [S, max_blocks] int32
+    seq_lens: torch.Tensor  # [S] int32
+    query_start_loc: torch.Tensor  # [S + 1] int32
+    max_query_len: int
+    max_seq_len: int
+    decode_only: bool
+
+
+class AttentionBackend(ABC):
+    """Writes K/V and computes paged causal attention for one layer at a time."""
+
+    name: str
+
+    @abstractmethod
+    def store_kv(self, key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
+                 layer: int, metadata: AttentionMetadata) -> None:
+        """Scatter ``key``/``value`` [T, KVH, D] into ``kv_cache`` at ``metadata.slot_mapping``."""
+
+    @abstractmethod
+    def forward(self, query: torch.Tensor, kv_cache: torch.Tensor, layer: int,
+                metadata: AttentionMetadata, scale: float) -> torch.Tensor:
+        """Attention of ``query`` [T, H, D] over the cached context (the step's
+        K/V already stored); returns [T, H, D] in ``query``'s dtype."""
+
+
+class TorchAttentionBackend(AttentionBackend):
+    """The kernels' math in torch: store via ``store_kv_reference``; attention
+    vectorised over the decode rows and one sequence at a time for prefill
+    chunks (same fp32 maths as ``paged_attention_reference``)."""
+
+    name = "torch"
+
+    def store_kv(self, key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
+                 layer: int, metadata: AttentionMetadata) -> None:
+        from splitserve.kernels.store_kv import store_kv_reference
+
+        store_kv_reference(key, value, kv_cache, layer, metadata.slot_mapping)
+
+    def forward(self, query: torch.Tensor, kv_cache: torch.Tensor, layer: int,
+                metadata: AttentionMetadata, scale: float) -> torch.Tensor:
+        if metadata.decode_only:
+            return _decode_attention(query, kv_cache, layer, metadata.block_tables,
+                                     metadata.seq_lens, metadata.max_seq_len, scale)
+        return _varlen_attention(query, kv_cache, layer, metadata, scale)
+
+
+class TritonAttentionBackend(AttentionBackend):
+    """``splitserve.kernels`` Triton kernels (CUDA, or the interpreter in tests)."""
+
+    name = "triton"
+
+    def __init__(self) -> None:
+        try:
+            from splitserve.kernels.paged_attention import paged_attention
+            from splitserve.kernels.store_kv import store_kv
+        except ImportError as exc:
+            raise RuntimeError(
+                "the triton attention backend needs triton and splitserve.kernels' store_kv / "
+                f"paged_attention launchers ({exc}); use --attention-backend torch"
+            ) from exc
+        self._store_kv = store_kv
+        self._paged_attention = paged_attention
+
+    def store_kv(self, key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
+                 layer: int, metadata: AttentionMetadata) -> None:
+        self._store_kv(key, value, kv_cache, layer, metadata.slot_mapping)
+
+    def forward(self, query: torch.Tensor, kv_cache: torch.Tensor, layer: int,
+                metadata: AttentionMetadata, scale: float) -> torch.Tensor:
+        return self._paged_attention(query, kv_cache, layer, metadata.block_tables,
+                                     metadata.seq_lens, metadata.query_start_loc, scale)
+
+
+def select_backend(name: str, device: torch.device) -> AttentionBackend:
+    """``auto`` is ``triton`` on CUDA and ``torch`` elsewhere."""
+    if name == "auto":
+        name = "triton" if device.type == "cuda" else "torch"
+    if name == "torch":
+        return TorchAttentionBackend()
+    if name == "triton":
+        return TritonAttentionBackend()
+    raise ValueError(f"unknown attention backend {name!r}; choose auto, torch or triton")
+
+
+def _gather_context(kv_cache: torch.Tensor, layer: int, block_tables: torch.Tensor,
+                    num_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """K and V of the first ``num_tokens`` positions for each row of
+    ``block_tables``: [S, KVH, L, D] each, fp32."""
+    num_blocks = -(-num_tokens // kv_cache.shape[3])
+    blocks = block_tables[:, :num_blocks].long()
+    kv = kv_cache[blocks, layer]  # [S, nb, 2, bs, KVH, D]
+    s, kvh, d = kv.shape[0], kv.shape[-2], kv.shape[-1]
+    k = kv[:, :, 0].reshape(s, -1, kvh, d)[:, :num_tokens].transpose(1, 2).float()
+    v = kv[:, :, 1].reshape(s, -1, kvh, d)[:, :num_tokens].transpose(1, 2).float()
+    return k, v
+
+
+def _decode_attention(query: torch.Tensor, kv_cache: torch.Tensor, layer: int,
+                      block_tables: torch.Tensor, seq_lens: torch.Tensor, max_seq_len: int,
+                      scale: float) -> torch.Tensor:
+    s, h, d = query.shape
+    kvh = kv_cache.shape[4]
+    k, v = _gather_context(kv_cache, layer, block_tables, max_seq_len)
+    q = query.float().view(s, kvh, h // kvh, d)
+    scores = torch.matmul(q, k.transpose(-1, -2)) * scale  # [S, KVH, G, L]
+    pad = torch.arange(max_seq_len, device=query.device)[None, :] >= seq_lens[:, None]
+    scores.masked_fill_(pad[:, None, None, :], float("-inf"))
+    out = torch.matmul(torch.softmax(scores, dim=-1), v)  # [S, KVH, G, D]
+    return out.reshape(s, h, d).to(query.dtype)
+
+
+def _varlen_attention(query: torch.Tensor, kv_cache: torch.Tensor, layer: int,
+                      metadata: AttentionMetadata, scale: float) -> torch.Tensor:
+    h, d = query.shape[1], query.shape[2]
+    kvh = kv_cache.shape[4]
+    out = torch.empty_like(query)
+    starts = metadata.query_start_loc.tolist()
+    lens = metadata.seq_lens.tolist()
+    for s, seq_len in enumerate(lens):
+        q_start, q_end = starts[s], starts[s + 1]
+        q_len = q_end - q_start
+        if q_len == 0:
+            continue
+        k, v = _gather_context(kv_cache, layer, metadata.block_tables[s:s + 1], seq_len)
+        q = query[q_start:q_end].float().view(q_len, kvh, h // kvh, d).permute(1, 2, 0, 3)
+        scores = torch.matmul(q, k[0].unsqueeze(1).transpose(-1, -2)) * scale  # [KVH, G, q, L]
+        if q_len > 1:
+            q_pos = torch.arange(seq_len - q_len, seq_len, device=query.device)[:, None]
+            k_pos = torch.arange(seq_len, device=query.device)[None, :]
+            scores.masked_fill_(k_pos > q_pos, float("-inf"))
+        probs = torch.softmax(scores, dim=-1)
+        o = torch.matmul(probs, v[0].unsqueeze(1))  # [KVH, G, q, D]
+        out[q_start:q_end] = o.permute(2, 0, 1, 3).reshape(q_len, h, d).to(query.dtype)
+    return out

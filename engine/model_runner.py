@@ -1,0 +1,173 @@
+"""The model runner: turns a ``SchedulerOutput`` into one forward pass and samples.
+
+Like nano-vllm's ``model_runner.py``, each step's input and metadata tensors
+are built in one place (``prepare_inputs``) and handed down explicitly.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from splitserve.engine.attention import AttentionBackend, AttentionMetadata, select_backend
+from splitserve.engine.engine_args import EngineArgs
+from splitserve.engine.kv_cache import KVCacheSpec, allocate_kv_cache, determine_num_blocks
+from splitserve.engine.model_config import ModelConfig, resolve_dtype
+from splitserve.engine.models.llama import LlamaForCausalLM
+from splitserve.engine.sampler import Sampler, build_sampling_metadata
+from splitserve.engine.step_io import ModelRunnerOutput, SchedulerOutput
+from splitserve.engine.tokenizer import eos_token_ids
+from splitserve.engine.weights import build_model, load_weights
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class StepInputs:
+    """The flattened batch of one step."""
+
+    input_ids: torch.Tensor  # [T] int64
+    positions: torch.Tensor  # [T] int64
+    metadata: AttentionMetadata
+    sample_rows: torch.Tensor  # [B] int64: last row of each sampling request
+
+
+class ModelRunner:
+    """Owns the model, the KV cache tensor and the sampler for one device.
+
+    ``kv_cache`` is the whole paged cache (KV transfer registers it once).
+    ``execute`` is called by the engine core once per step, on one thread.
+    """
+
+    def __init__(self, model: LlamaForCausalLM, kv_cache: torch.Tensor, backend: AttentionBackend,
+                 max_model_len: int, eos_token_ids: frozenset[int]) -> None:
+        self.model = model
+        self.kv_cache = kv_cache
+        self.backend = backend
+        self.device = kv_cache.device
+        self.num_blocks = kv_cache.shape[0]
+        self.block_size = kv_cache.shape[3]
+        self.max_model_len = max_model_len
+        self.vocab_size = model.config.vocab_size
+        self.eos_token_ids = eos_token_ids
+        self.sampler = Sampler()
+
+    def prepare_inputs(self, so: SchedulerOutput) -> StepInputs:
+        """Token ids, positions, slot mapping and block tables for the step."""
+        bs = self.block_size
+        starts = [r.num_computed_tokens for r in so.requests]
+        counts = so.num_scheduled_tokens
+        seq_lens = [s + n for s, n in zip(starts, counts)]
+        input_ids: list[int] = []
+        for r, s, e in zip(so.requests, starts, seq_lens):
+            input_ids.extend(r.token_ids[s:e])
+        num_blocks = [-(-n // bs) for n in seq_lens]
+        width = max(num_blocks)
+        tables = [r.block_ids[:nb] + [0] * (width - nb) for r, nb in zip(so.requests, num_blocks)]
+        for r, nb in zip(so.requests, num_blocks):
+            if len(r.block_ids) < nb:
+                raise RuntimeError(f"request {r.request_id} has {len(r.block_ids)} blocks, needs {nb}")
+
+        counts_t = torch.tensor(counts, dtype=torch.int64)
+        query_start_loc = torch.zeros(len(counts) + 1, dtype=torch.int64)
+        torch.cumsum(counts_t, 0, out=query_start_loc[1:])
+        seq_index = torch.repeat_interleave(torch.arange(len(counts)), counts_t)
+        row_in_seq = torch.arange(int(query_start_loc[-1])) - query_start_loc[:-1][seq_index]
+        positions = torch.tensor(starts, dtype=torch.int64)[seq_index] + row_in_seq
+        block_tables = torch.tensor(tables, dtype=torch.int32)
+        slot_mapping = block_tables[seq_index, positions // bs].long() * bs + positions % bs
+        sample_rows = (query_start_loc[1:] - 1)[torch.tensor(so.samples, dtype=torch.bool)]
+
+        dev = self.device
+        metadata = AttentionMetadata(
+            slot_mapping=slot_mapping.to(dev, non_blocking=True),
+            block_tables=block_tables.to(dev, non_blocking=True),
+            seq_lens=torch.tensor(seq_lens, dtype=torch.int32).to(dev, non_blocking=True),
+            query_start_loc=query_start_loc.to(torch.int32).to(dev, non_blocking=True),
+            max_query_len=max(counts),
+            max_seq_len=max(seq_lens),
+            decode_only=all(n == 1 for n in counts),
+        )
+        return StepInputs(
+            input_ids=torch.tensor(input_ids, dtype=torch.int64).to(dev, non_blocking=True),
+            positions=positions.to(dev, non_blocking=True),
+            metadata=metadata,
+            sample_rows=sample_rows.to(dev, non_blocking=True),
+        )
+
+    @torch.inference_mode()
+    def execute(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
+        """Compute the scheduled chunks into the KV cache; sample one token for
+        each request whose ``samples`` flag is set (in order)."""
+        so = scheduler_output
+        if so.is_empty:
+            return ModelRunnerOutput()
+        inputs = self.prepare_inputs(so)
+        hidden = self.model(inputs.input_ids, inputs.positions, self.kv_cache, inputs.metadata, self.backend)
+        sampling = [r for r, s in zip(so.requests, so.samples) if s]
+        if not sampling:
+            return ModelRunnerOutput()
+        logits = self.model.compute_logits(hidden[inputs.sample_rows])
+        metadata = build_sampling_metadata(sampling, self.vocab_size, self.device)
+        result = self.sampler(logits, metadata)
+        return ModelRunnerOutput(
+            request_ids=[r.request_id for r in sampling],
+            sampled_token_ids=result.token_ids,
+            logprobs=result.logprobs,
+        )
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` is CUDA when available, else CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda was given but no CUDA device is available")
+    return torch.device(name)
+
+
+def _activation_reserve(config: ModelConfig, engine_args: EngineArgs, dtype: torch.dtype) -> int:
+    # A step's transient peak, estimated rather than profiled: the widest
+    # per-token activations (MLP gate + up, qkv, residuals) for the token
+    # budget, plus fp32 logits and sampler temporaries for every sequence.
+    elem = torch.empty((), dtype=dtype).element_size()
+    per_token = (3 * config.intermediate_size + 6 * config.hidden_size
+                 + 2 * (config.num_heads + 2 * config.num_kv_heads) * config.head_dim) * elem
+    sampling = engine_args.max_num_seqs * config.vocab_size * 4 * 8
+    return int(1.2 * (engine_args.max_num_batched_tokens * per_token + sampling)) + (256 << 20)
+
+
+def load_model_runner(engine_args: EngineArgs) -> ModelRunner:
+    """Load config, weights and eos ids from ``engine_args.model``; size and
+    allocate the KV cache from the memory left (see ``kv_cache``)."""
+    if not engine_args.model:
+        raise ValueError("--model is required (a Hugging Face model folder)")
+    config = ModelConfig.from_pretrained(engine_args.model)
+    device = resolve_device(engine_args.device)
+    dtype = getattr(torch, resolve_dtype(engine_args.dtype, config.checkpoint_dtype, device.type))
+    max_model_len = config.resolve_max_model_len(engine_args.max_model_len)
+    torch.manual_seed(engine_args.seed)
+    model = build_model(config, max_model_len, dtype, device)
+    load_weights(model, engine_args.model)
+    model.eval()
+    spec = KVCacheSpec(config.num_layers, config.num_kv_heads, config.head_dim, engine_args.block_size, dtype)
+    num_blocks = determine_num_blocks(engine_args, spec, device, max_model_len,
+                                      _activation_reserve(config, engine_args, dtype))
+    kv_cache = allocate_kv_cache(spec, num_blocks, device)
+    backend = select_backend(engine_args.attention_backend, device)
+    eos = eos_token_ids(engine_args.model, _load_tokenizer_or_none(engine_args.model))
+    logger.info("model %s (%s, %s, %s attention), max_model_len %d", engine_args.model,
+                config.architecture, str(dtype).removeprefix("torch."), backend.name, max_model_len)
+    return ModelRunner(model, kv_cache, backend, max_model_len, eos)
+
+
+def _load_tokenizer_or_none(model_dir: str) -> object | None:
+    # The engine is token-in/token-out; a folder without tokenizer files still
+    # serves, with eos ids from the configs alone.
+    from splitserve.engine.tokenizer import load_tokenizer
+
+    try:
+        return load_tokenizer(model_dir)
+    except FileNotFoundError:
+        return None

@@ -1,0 +1,72 @@
+"""Tiny random checkpoints of each supported family, written with transformers.
+
+``save_pretrained`` of transformers 5 writes the ``rope_parameters`` spelling;
+the built-in tiny model (``splitserve.engine.tiny_model``) covers the hub
+spelling (top-level ``rope_theta``). Every builder is seeded and fp32.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+VOCAB = 256
+_COMMON: dict[str, Any] = dict(
+    vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+    rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+)
+# Larger than HF's default init (0.02) so the random models have peaked
+# distributions: greedy ties between near-equal logits would make
+# exactness tests flaky under harmless fp32 reordering.
+_INIT_STD = 0.2
+
+
+def _save(model_cls: Any, config: Any, out: Path, seed: int) -> Path:
+    import torch
+
+    torch.manual_seed(seed)
+    model = model_cls(config).to(torch.float32)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "norm" in name:
+                param.normal_(1.0, 0.1)
+            else:
+                param.normal_(0.0, _INIT_STD)
+    model.save_pretrained(str(out))
+    model.generation_config.save_pretrained(str(out))
+    return out
+
+
+def llama(out: Path, *, llama3_rope: bool = False, tie: bool = False, seed: int = 0) -> Path:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    rope: dict[str, Any] = {"rope_type": "default", "rope_theta": 10000.0}
+    if llama3_rope:
+        rope = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
+    config = LlamaConfig(**_COMMON, rope_parameters=rope, tie_word_embeddings=tie)
+    return _save(LlamaForCausalLM, config, out, seed)
+
+
+def qwen2(out: Path, *, seed: int = 0) -> Path:
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    config = Qwen2Config(**_COMMON, tie_word_embeddings=True, rope_parameters={"rope_type": "default",
+                         "rope_theta": 1000000.0})
+    return _save(Qwen2ForCausalLM, config, out, seed)
+
+
+def mistral(out: Path, *, seed: int = 0, sliding_window: int | None = None) -> Path:
+    from transformers import MistralConfig, MistralForCausalLM
+
+    config = MistralConfig(**{**_COMMON, "num_key_value_heads": 1}, sliding_window=sliding_window, head_dim=32)
+    return _save(MistralForCausalLM, config, out, seed)
+
+
+BUILDERS = {"llama": llama, "llama3": lambda out: llama(out, llama3_rope=True), "qwen2": qwen2,
+            "mistral": mistral}
+
+
+def build_all(root: Path) -> dict[str, Path]:
+    """Every family under ``root/<name>``."""
+    return {name: build(root / name) for name, build in BUILDERS.items()}

@@ -7,7 +7,7 @@ coalesce as they would after a fresh prefill into a fragmented pool), with a
 timed from ``start_read`` to DONE (busy polling).
 
 Baselines, same bytes and same block runs:
-  memcpy    in-process ``copy_`` of each run between two tensors (the floor)
+  memcpy    in-process ``copy_`` of each run between two tensors, one thread (the floor)
   nixl-shm  NIXL/UCX with UCX's default transports (shared memory / CMA)
   nixl-tcp  the same with ``UCX_TLS=tcp`` (what a cross-host pod pair without RDMA gets)
 
@@ -174,6 +174,9 @@ def main() -> None:
     if args.serve_peer:
         serve_peer(args)
         return
+    # One copying thread, like NIXL's single READ: torch's intra-op pool on a
+    # busy host otherwise waits for descheduled workers (8 ms steps).
+    torch.set_num_threads(1)
     started = time.monotonic()
     rows: list[dict] = []
     for name in args.layouts:

@@ -130,7 +130,8 @@ def _paged_prefill_kernel(
     dim_mask = dims < HEAD_DIM
     io_mask = row_mask[:, None] & dim_mask[None, :]
     token = (q_start + q_idx).to(tl.int64)
-    q = tl.load(query_ptr + token[:, None] * stride_qt + head[:, None] * stride_qh + dims[None, :], mask=io_mask, other=0.0)
+    q_ptrs = query_ptr + token[:, None] * stride_qt + head[:, None] * stride_qh + dims[None, :]
+    q = tl.load(q_ptrs, mask=io_mask, other=0.0)
     if UPCAST:
         q = q.to(tl.float32)
 
@@ -267,7 +268,8 @@ def _paged_decode_reduce_kernel(
     m_max = tl.max(m, 0)
     w = tl.math.exp2(m - m_max)
     out = tl.sum(acc * w[:, None], 0) / tl.sum(l * w, 0)
-    tl.store(out_ptr + token * stride_ot + head * stride_oh + dims, out.to(out_ptr.dtype.element_ty), mask=dims < HEAD_DIM)
+    out_ptrs = out_ptr + token * stride_ot + head * stride_oh + dims
+    tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=dims < HEAD_DIM)
 
 
 def _check_batch(

@@ -2,18 +2,22 @@
 
 ``save_pretrained`` of transformers 5 writes the ``rope_parameters`` spelling;
 the built-in tiny model (``splitserve.engine.tiny_model``) covers the hub
-spelling (top-level ``rope_theta``). Every builder is seeded and fp32.
+spelling (top-level ``rope_theta``). Every builder is seeded and fp32, and
+writes the built-in byte-level tokenizer next to the weights.
 """
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
 
-VOCAB = 256
+from splitserve.engine.tiny_model import BEGIN_OF_TEXT, END_OF_TEXT, tokenizer_vocab, write_tokenizer
+
+VOCAB = 288  # the built-in byte-level tokenizer's 276 tokens, padded
+_IDS = tokenizer_vocab()
 _COMMON: dict[str, Any] = dict(
     vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-    rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, rms_norm_eps=1e-5,
+    bos_token_id=_IDS[BEGIN_OF_TEXT], eos_token_id=_IDS[END_OF_TEXT], pad_token_id=_IDS[END_OF_TEXT],
 )
 # Larger than HF's default init (0.02) so the random models have peaked
 # distributions: greedy ties between near-equal logits would make
@@ -34,6 +38,7 @@ def _save(model_cls: Any, config: Any, out: Path, seed: int) -> Path:
                 param.normal_(0.0, _INIT_STD)
     model.save_pretrained(str(out))
     model.generation_config.save_pretrained(str(out))
+    write_tokenizer(out)
     return out
 
 

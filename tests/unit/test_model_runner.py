@@ -46,7 +46,7 @@ def test_chunked_varlen_logits_match_transformers(tiny_checkpoints: dict, family
     path = tiny_checkpoints[family]
     runner = _runner(path)
     gen = torch.Generator().manual_seed(1)
-    prompts = [torch.randint(3, 256, (n,), generator=gen).tolist() for n in (5, 37, 90)]
+    prompts = [torch.randint(0, 288, (n,), generator=gen).tolist() for n in (5, 37, 90)]
     reqs = _requests(prompts)
     # Step 1: first chunks (different sizes); step 2: the rest, sampling at the end.
     first = [3, 20, 90]
@@ -90,7 +90,7 @@ def test_decode_steps_match_transformers(tiny_checkpoints: dict, family: str) ->
 def test_runner_attributes(tiny_checkpoints: dict) -> None:
     runner = _runner(tiny_checkpoints["llama"])
     assert (runner.num_blocks, runner.block_size, runner.max_model_len) == (64, BLOCK, 256)
-    assert runner.vocab_size == 256 and runner.eos_token_ids == {2}
+    assert runner.vocab_size == 288 and runner.eos_token_ids == {273, 275}  # end_of_text, im_end
     assert runner.kv_cache.shape == (64, 2, 2, BLOCK, 2, 16) and runner.kv_cache.is_contiguous()
 
 

@@ -68,8 +68,15 @@ def mistral(out: Path, *, seed: int = 0, sliding_window: int | None = None) -> P
     return _save(MistralForCausalLM, config, out, seed)
 
 
+def qwen3(out: Path, *, seed: int = 0) -> Path:
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    config = Qwen3Config(**_COMMON, head_dim=16, tie_word_embeddings=True)
+    return _save(Qwen3ForCausalLM, config, out, seed)
+
+
 BUILDERS = {"llama": llama, "llama3": lambda out: llama(out, llama3_rope=True), "qwen2": qwen2,
-            "mistral": mistral}
+            "mistral": mistral, "qwen3": qwen3}
 
 
 def build_all(root: Path) -> dict[str, Path]:

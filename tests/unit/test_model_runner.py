@@ -41,7 +41,7 @@ def _requests(prompts: list[list[int]]) -> list[Request]:
     return out
 
 
-@pytest.mark.parametrize("family", ["llama", "llama3", "qwen2", "mistral"])
+@pytest.mark.parametrize("family", ["llama", "llama3", "qwen2", "mistral", "qwen3"])
 def test_chunked_varlen_logits_match_transformers(tiny_checkpoints: dict, family: str) -> None:
     path = tiny_checkpoints[family]
     runner = _runner(path)

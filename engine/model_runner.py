@@ -147,7 +147,6 @@ def load_model_runner(engine_args: EngineArgs) -> ModelRunner:
     device = resolve_device(engine_args.device)
     dtype = getattr(torch, resolve_dtype(engine_args.dtype, config.checkpoint_dtype, device.type))
     max_model_len = config.resolve_max_model_len(engine_args.max_model_len)
-    torch.manual_seed(engine_args.seed)
     model = build_model(config, max_model_len, dtype, device)
     load_weights(model, engine_args.model)
     model.eval()
@@ -155,7 +154,7 @@ def load_model_runner(engine_args: EngineArgs) -> ModelRunner:
     num_blocks = determine_num_blocks(engine_args, spec, device, max_model_len,
                                       _activation_reserve(config, engine_args, dtype))
     kv_cache = allocate_kv_cache(spec, num_blocks, device)
-    backend = select_backend(engine_args.attention_backend, device)
+    backend = select_backend(engine_args.attention_backend, device, config.head_dim, engine_args.block_size)
     eos = eos_token_ids(engine_args.model, _load_tokenizer_or_none(engine_args.model))
     logger.info("model %s (%s, %s, %s attention), max_model_len %d", engine_args.model,
                 config.architecture, str(dtype).removeprefix("torch."), backend.name, max_model_len)

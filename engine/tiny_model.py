@@ -46,6 +46,9 @@ class TinyModelSpec:
     num_hidden_layers: int = 4
     num_attention_heads: int = 4
     num_key_value_heads: int = 2
+    # Explicit, not hidden // heads: 64 is the smallest head size the Triton
+    # kernels take, so the tiny model runs the same attention path on a GPU.
+    head_dim: int = 64
     intermediate_size: int = 256
     vocab_size: int = 320
     max_position_embeddings: int = 4096
@@ -123,7 +126,7 @@ def model_config(spec: TinyModelSpec) -> dict[str, object]:
         "num_hidden_layers": spec.num_hidden_layers,
         "num_attention_heads": spec.num_attention_heads,
         "num_key_value_heads": spec.num_key_value_heads,
-        "head_dim": spec.hidden_size // spec.num_attention_heads,
+        "head_dim": spec.head_dim,
         "hidden_act": "silu",
         "max_position_embeddings": spec.max_position_embeddings,
         "rms_norm_eps": spec.rms_norm_eps,
@@ -147,8 +150,8 @@ def random_weights(spec: TinyModelSpec) -> dict[str, object]:
     import torch
 
     gen = torch.Generator().manual_seed(spec.seed)
-    head_dim = spec.hidden_size // spec.num_attention_heads
-    h, kv = spec.hidden_size, spec.num_key_value_heads * head_dim
+    h, q = spec.hidden_size, spec.num_attention_heads * spec.head_dim
+    kv = spec.num_key_value_heads * spec.head_dim
 
     def normal(*shape: int) -> torch.Tensor:
         return torch.randn(*shape, generator=gen) * spec.init_std
@@ -157,10 +160,10 @@ def random_weights(spec: TinyModelSpec) -> dict[str, object]:
     for i in range(spec.num_hidden_layers):
         p = f"model.layers.{i}."
         tensors[p + "input_layernorm.weight"] = torch.ones(h)
-        tensors[p + "self_attn.q_proj.weight"] = normal(h, h)
+        tensors[p + "self_attn.q_proj.weight"] = normal(q, h)
         tensors[p + "self_attn.k_proj.weight"] = normal(kv, h)
         tensors[p + "self_attn.v_proj.weight"] = normal(kv, h)
-        tensors[p + "self_attn.o_proj.weight"] = normal(h, h)
+        tensors[p + "self_attn.o_proj.weight"] = normal(h, q)
         tensors[p + "post_attention_layernorm.weight"] = torch.ones(h)
         tensors[p + "mlp.gate_proj.weight"] = normal(spec.intermediate_size, h)
         tensors[p + "mlp.up_proj.weight"] = normal(spec.intermediate_size, h)

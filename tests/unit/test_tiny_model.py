@@ -65,3 +65,22 @@ def test_transformers_loads_it(tiny_dir: Path) -> None:
     logits = model(torch.tensor([[1, 2, 3]])).logits
     assert logits.shape == (1, 3, TinyModelSpec().vocab_size)
     assert torch.isfinite(logits).all()
+
+
+def test_engine_generates_what_transformers_generates(tiny_dir: Path) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from splitserve.engine import LLM, SamplingParams
+
+    llm = LLM(str(tiny_dir), device="cpu", max_model_len=256, num_gpu_blocks_override=32)
+    prompt = load_tokenizer(tiny_dir).apply_chat_template([{"role": "user", "content": "hello there"}],
+                                                          add_generation_prompt=True, return_dict=False)
+    ours = llm.generate([{"prompt_token_ids": prompt}], SamplingParams(temperature=0.0, max_tokens=8,
+                                                                      ignore_eos=True))[0].outputs[0].token_ids
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_dir))
+    ids = torch.tensor([prompt])
+    ref = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False,
+                         eos_token_id=None)[0, len(prompt):].tolist()
+    assert ours == ref
+    llm.engine_core.check_no_leaks()

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import shutil
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -22,20 +23,24 @@ PROTO_DIR = Path(__file__).resolve().parent.parent / "proto"
 
 def build_stubs(proto_dir: Path = PROTO_DIR) -> list[Path]:
     """Compile every ``.proto`` in ``proto_dir``; return the generated files."""
-    from grpc_tools import protoc  # build-time dependency only
+    import grpc_tools  # build-time dependency only
 
     sources = sorted(proto_dir.glob("*.proto"))
     if not sources:
         return []
-    include = Path(protoc.__file__).parent / "_proto"
+    include = Path(grpc_tools.__file__).parent / "_proto"
     generated: list[Path] = []
     with tempfile.TemporaryDirectory() as tmp:
         staging = Path(tmp) / "splitserve" / "proto"
         staging.mkdir(parents=True)
         for source in sources:
             shutil.copy(source, staging / source.name)
+        # protoc runs in its own process: in-process it shares the protobuf C
+        # runtime with whatever the caller already loaded, which can crash.
         args = [
-            "protoc",
+            sys.executable,
+            "-m",
+            "grpc_tools.protoc",
             f"-I{tmp}",
             f"-I{include}",
             f"--python_out={tmp}",
@@ -43,8 +48,11 @@ def build_stubs(proto_dir: Path = PROTO_DIR) -> list[Path]:
             f"--grpc_python_out={tmp}",
             *[f"splitserve/proto/{s.name}" for s in sources],
         ]
-        if protoc.main(args) != 0:
-            raise RuntimeError(f"protoc failed on {', '.join(s.name for s in sources)}")
+        result = subprocess.run(args, capture_output=True, text=True)
+        if result.returncode != 0:
+            raise RuntimeError(
+                f"protoc failed on {', '.join(s.name for s in sources)}: {result.stderr.strip()}"
+            )
         for produced in staging.glob("*_pb2*.py*"):
             target = proto_dir / produced.name
             shutil.copy(produced, target)

@@ -12,6 +12,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 logger = logging.getLogger(__name__)
 
@@ -55,8 +56,8 @@ class AttentionBackend(ABC):
 
 class TorchAttentionBackend(AttentionBackend):
     """The kernels' math in torch: store via ``store_kv_reference``; attention
-    vectorised over the decode rows and one sequence at a time for prefill
-    chunks (same fp32 maths as ``paged_attention_reference``)."""
+    in fp32 like ``paged_attention_reference``, vectorised over the rows of a
+    decode-only step, and one sequence at a time (SDPA) otherwise."""
 
     name = "torch"
 
@@ -178,13 +179,13 @@ def _varlen_attention(query: torch.Tensor, kv_cache: torch.Tensor, layer: int,
         if q_len == 0:
             continue
         k, v = _gather_context(kv_cache, layer, metadata.block_tables[s:s + 1], seq_len)
-        q = query[q_start:q_end].float().view(q_len, kvh, h // kvh, d).permute(1, 2, 0, 3)
-        scores = torch.matmul(q, k[0].unsqueeze(1).transpose(-1, -2)) * scale  # [KVH, G, q, L]
-        if q_len > 1:
+        q = query[q_start:q_end].float().transpose(0, 1).unsqueeze(0)  # [1, H, q, D]
+        # Causal from the bottom right: row i sits at position seq_len - q_len + i.
+        mask = None
+        if 1 < q_len < seq_len:
             q_pos = torch.arange(seq_len - q_len, seq_len, device=query.device)[:, None]
-            k_pos = torch.arange(seq_len, device=query.device)[None, :]
-            scores.masked_fill_(k_pos > q_pos, float("-inf"))
-        probs = torch.softmax(scores, dim=-1)
-        o = torch.matmul(probs, v[0].unsqueeze(1))  # [KVH, G, q, D]
-        out[q_start:q_end] = o.permute(2, 0, 1, 3).reshape(q_len, h, d).to(query.dtype)
+            mask = torch.arange(seq_len, device=query.device)[None, :] <= q_pos
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=q_len == seq_len and q_len > 1,
+                                           scale=scale, enable_gqa=kvh != h)  # [1, H, q, D]
+        out[q_start:q_end] = o[0].transpose(0, 1).to(query.dtype)
     return out

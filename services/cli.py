@@ -17,6 +17,7 @@ from splitserve import __version__
 COMMAND_MODULES = (
     "splitserve.up_command",
     "splitserve.model_command",
+    "splitserve.router_command",
 )
 
 

@@ -10,6 +10,7 @@ import json
 import logging
 import secrets
 import time
+from collections.abc import Callable
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -28,12 +29,14 @@ logger = logging.getLogger(__name__)
 _SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
-def create_app(serving: OpenAIServing, settings: RouterSettings | None = None) -> FastAPI:
+def create_app(serving: OpenAIServing, settings: RouterSettings | None = None,
+               ready: Callable[[], bool] | None = None) -> FastAPI:
     """Build the OpenAI-compatible app on ``serving``.
 
     ``settings`` default to ``serving.settings``. ``/health`` and ``/metrics``
     are open; every ``/v1`` route requires ``Authorization: Bearer <key>``
-    when ``settings.api_key`` is set.
+    when ``settings.api_key`` is set. ``/health`` answers 503 while
+    ``ready()`` is false (e.g. no pod of a needed role answers yet).
     """
     settings = settings or serving.settings
     app = FastAPI(title="splitserve router", docs_url=None, redoc_url=None)
@@ -62,7 +65,7 @@ def create_app(serving: OpenAIServing, settings: RouterSettings | None = None) -
 
     @app.get("/health")
     async def health() -> Response:
-        return Response(status_code=200)
+        return Response(status_code=200 if ready is None or ready() else 503)
 
     @app.get("/metrics")
     async def metrics() -> Response:

@@ -1,0 +1,220 @@
+"""A thin grpc.aio client of one pod's ``Engine`` service.
+
+Converts protobuf to the router's dataclasses (through ``proto_convert``) and
+gRPC failures to ``PodCallError``; holds no request state. The orchestrator
+and the pod watcher are its only users.
+"""
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import grpc
+
+from splitserve.engine.block_hash import BlockHash
+from splitserve.engine.request import TokenLogprobs
+from splitserve.engine.sampling_params import SamplingParams
+from splitserve.proto import splitserve_v1_pb2 as pb
+from splitserve.proto import splitserve_v1_pb2_grpc as pb_grpc
+from splitserve.proto_convert import (finish_reason_from_proto, logprobs_from_proto,
+                                      logprobs_list_from_proto, sampling_to_proto)
+from splitserve.router.backend import BackendError
+from splitserve.router.pod_state import PodLoad
+
+# Large prompts travel as repeated uint32; 64 MiB leaves room for 10M tokens.
+_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+_CHANNEL_OPTIONS = (
+    ("grpc.max_send_message_length", _MAX_MESSAGE_BYTES),
+    ("grpc.max_receive_message_length", _MAX_MESSAGE_BYTES),
+    ("grpc.keepalive_time_ms", 10_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+)
+
+KV_SOURCES = {pb.KV_SOURCE_PULLED: "pulled", pb.KV_SOURCE_LOCAL: "local",
+              pb.KV_SOURCE_RECOMPUTED: "recomputed"}
+ROLES = {pb.ROLE_PREFILL: "prefill", pb.ROLE_DECODE: "decode", pb.ROLE_UNIFIED: "unified"}
+
+
+class PodCallError(BackendError):
+    """An RPC to a pod failed. ``code`` is the gRPC status (a Decode stream's
+    ``Error`` event is turned into one too)."""
+
+    def __init__(self, pod: str, rpc: str, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(f"{rpc} on pod {pod} failed with {code.name}: {message}")
+        self.pod = pod
+        self.rpc = rpc
+        self.code = code
+        self.details = message
+
+
+@dataclass(frozen=True)
+class PrefillResult:
+    """The prefill pod's answer. ``kv_handle`` is None when token 0 already
+    finished the request (then ``finish_reason`` is set)."""
+
+    first_token_id: int
+    first_logprobs: TokenLogprobs | None
+    kv_handle: pb.KVHandle | None
+    finish_reason: str | None
+    num_prompt_tokens: int
+    num_cached_tokens: int
+
+
+@dataclass(frozen=True)
+class DecodeChunk:
+    token_ids: tuple[int, ...]
+    logprobs: tuple[TokenLogprobs, ...] | None
+
+
+@dataclass(frozen=True)
+class DecodeFinished:
+    """The stream's last event. ``kv_source``: pulled, local or recomputed."""
+
+    reason: str | None
+    num_prompt_tokens: int
+    num_output_tokens: int
+    num_cached_tokens: int
+    kv_source: str | None
+    num_pulled_blocks: int
+    num_pulled_bytes: int
+
+
+DecodeEvent = DecodeChunk | DecodeFinished
+
+
+@dataclass(frozen=True)
+class LoadSnapshot:
+    """A pod's ``GetLoad`` answer: the routing view (``load``) plus the rest."""
+
+    role: str | None
+    incarnation_id: str
+    load: PodLoad
+    kv_cache_usage: float
+    block_size: int
+    num_leased_blocks: int
+    num_waiting_for_remote_kv: int
+
+    @property
+    def num_used_blocks(self) -> int:
+        return self.load.total_blocks - self.load.free_blocks
+
+
+@dataclass(frozen=True)
+class KVEvents:
+    """One batch of a pod's prefix-cache events (``cleared``: forget all first)."""
+
+    stored: tuple[BlockHash, ...]
+    removed: tuple[BlockHash, ...]
+    cleared: bool
+
+
+class PodClient:
+    """One channel to one pod (``address`` = host:port, also the pod's id).
+
+    Every method raises ``PodCallError`` on a gRPC failure; cancelling the
+    awaiting task cancels the RPC (the pod sees the cancellation).
+    """
+
+    def __init__(self, address: str, channel: grpc.aio.Channel | None = None) -> None:
+        self.address = address
+        self._channel = channel or grpc.aio.insecure_channel(address, options=_CHANNEL_OPTIONS)
+        self._stub = pb_grpc.EngineStub(self._channel)
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    async def prefill(self, request_id: str, token_ids: tuple[int, ...], sampling: SamplingParams,
+                      cache_salt: str | None = None, timeout: float | None = None) -> PrefillResult:
+        message = pb.PrefillRequest(request_id=request_id, token_ids=token_ids,
+                                    sampling=sampling_to_proto(sampling), cache_salt=cache_salt or "")
+        try:
+            response: pb.PrefillResponse = await self._stub.Prefill(message, timeout=timeout)
+        except grpc.aio.AioRpcError as exc:
+            raise self._error("Prefill", exc) from None
+        return PrefillResult(
+            first_token_id=response.first_token_id,
+            first_logprobs=(logprobs_from_proto(response.first_logprobs)
+                            if response.HasField("first_logprobs") else None),
+            kv_handle=response.kv_handle if response.HasField("kv_handle") else None,
+            finish_reason=finish_reason_from_proto(response.finish_reason),
+            num_prompt_tokens=response.num_prompt_tokens,
+            num_cached_tokens=response.num_cached_tokens)
+
+    async def decode(self, request_id: str, token_ids: tuple[int, ...], num_prompt_tokens: int,
+                     sampling: SamplingParams, kv_handle: pb.KVHandle | None = None,
+                     cache_salt: str | None = None) -> AsyncIterator[DecodeEvent]:
+        """Stream a Decode; closing the iterator cancels the call on the pod."""
+        message = pb.DecodeRequest(request_id=request_id, token_ids=token_ids,
+                                   num_prompt_tokens=num_prompt_tokens,
+                                   sampling=sampling_to_proto(sampling), cache_salt=cache_salt or "")
+        if kv_handle is not None:
+            message.kv_handle.CopyFrom(kv_handle)
+        call = self._stub.Decode(message)
+        try:
+            async for response in call:
+                kind = response.WhichOneof("event")
+                if kind == "chunk":
+                    chunk = response.chunk
+                    yield DecodeChunk(tuple(chunk.token_ids),
+                                      tuple(logprobs_list_from_proto(chunk.logprobs))
+                                      if len(chunk.logprobs) else None)
+                elif kind == "finished":
+                    yield _finished(response.finished)
+                    return
+                elif kind == "error":
+                    code = getattr(grpc.StatusCode, response.error.code, grpc.StatusCode.UNKNOWN)
+                    raise PodCallError(self.address, "Decode", code, response.error.message)
+            raise PodCallError(self.address, "Decode", grpc.StatusCode.UNAVAILABLE,
+                               "the stream ended without a Finished event")
+        except grpc.aio.AioRpcError as exc:
+            raise self._error("Decode", exc) from None
+        finally:
+            call.cancel()  # a no-op once the stream is done
+
+    async def abort(self, request_id: str, timeout: float = 5.0) -> bool:
+        try:
+            response = await self._stub.Abort(pb.AbortRequest(request_id=request_id), timeout=timeout)
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() == grpc.StatusCode.NOT_FOUND:
+                return False
+            raise self._error("Abort", exc) from None
+        return bool(response.found)
+
+    async def get_load(self, timeout: float = 1.0) -> LoadSnapshot:
+        try:
+            r: pb.LoadReport = await self._stub.GetLoad(pb.GetLoadRequest(), timeout=timeout)
+        except grpc.aio.AioRpcError as exc:
+            raise self._error("GetLoad", exc) from None
+        load = PodLoad(queued_prompt_tokens=r.queued_prompt_tokens, running_seqs=r.num_running,
+                       waiting_seqs=r.num_waiting + r.num_waiting_for_remote_kv,
+                       free_blocks=r.num_free_blocks, total_blocks=r.num_total_blocks)
+        return LoadSnapshot(role=ROLES.get(r.role), incarnation_id=r.incarnation_id, load=load,
+                            kv_cache_usage=r.kv_cache_usage, block_size=r.block_size,
+                            num_leased_blocks=r.num_leased_blocks,
+                            num_waiting_for_remote_kv=r.num_waiting_for_remote_kv)
+
+    async def kv_events(self) -> AsyncIterator[KVEvents]:
+        """The pod's prefix-cache events until the stream breaks (``PodCallError``)."""
+        call = self._stub.StreamKVEvents(pb.StreamKVEventsRequest())
+        try:
+            async for batch in call:
+                yield KVEvents(tuple(batch.stored_block_hashes), tuple(batch.removed_block_hashes),
+                               batch.all_cleared)
+        except grpc.aio.AioRpcError as exc:
+            raise self._error("StreamKVEvents", exc) from None
+        finally:
+            call.cancel()
+
+    def _error(self, rpc: str, exc: grpc.aio.AioRpcError) -> PodCallError:
+        return PodCallError(self.address, rpc, exc.code(), exc.details() or "")
+
+
+def _finished(message: pb.Finished) -> DecodeFinished:
+    return DecodeFinished(
+        reason=finish_reason_from_proto(message.reason),
+        num_prompt_tokens=message.num_prompt_tokens,
+        num_output_tokens=message.num_output_tokens,
+        num_cached_tokens=message.num_cached_tokens,
+        kv_source=KV_SOURCES.get(message.kv_source),
+        num_pulled_blocks=message.num_pulled_blocks,
+        num_pulled_bytes=message.num_pulled_bytes)

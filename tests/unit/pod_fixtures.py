@@ -1,0 +1,79 @@
+"""Two or three pod cores in one process: real tiny engines, FakeTransports on
+one FakeFabric, decode pods reaching prefill pods through a LocalPeerClient."""
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from splitserve.decode.peer_client import LocalPeerClient
+from splitserve.engine.engine_args import EngineArgs
+from splitserve.engine.sampling_params import SamplingParams
+from splitserve.kvtransfer import FakeFabric, FakeTransport
+from splitserve.pod_config import PodConfig
+from splitserve.pod_core import PodCore
+from splitserve.pod_engine import PodEngine
+from splitserve.pod_messages import DecodeChunk, DecodeFinished, Role
+
+ENGINE = dict(device="cpu", block_size=8, max_model_len=128, attention_backend="torch", num_gpu_blocks_override=48)
+GREEDY = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
+
+
+@dataclass
+class Cluster:
+    model: Path
+    fabric: FakeFabric = field(default_factory=FakeFabric)
+    pods: dict[str, PodCore] = field(default_factory=dict)
+
+    async def pod(self, role: Role, address: str, *, fingerprint: str = "m", engine: dict | None = None,
+                  **config: object) -> PodCore:
+        eng = PodEngine.from_engine_args(EngineArgs(model=str(self.model), **{**ENGINE, **(engine or {})}))
+        cfg = PodConfig(role, advertise_address=address, **config)  # type: ignore[arg-type]
+        transport = None
+        if role is not Role.UNIFIED:
+            transport = FakeTransport(self.fabric, cfg.transfer_agent_name, eng.core.runner.kv_cache,
+                                      model_fingerprint=fingerprint, default_timeout_s=cfg.kv_transfer_timeout_s)
+        client = LocalPeerClient(self.pods.get) if role is Role.DECODE else None
+        core = PodCore(cfg, eng, transport, client)
+        await core.start()
+        self.pods[address] = core
+        return core
+
+    async def close(self) -> None:
+        for core in self.pods.values():
+            await core.close()
+
+
+async def collect(core: PodCore, request_id: str, tokens: list[int], params: SamplingParams = GREEDY,
+                  **kwargs: object) -> tuple[list[int], DecodeFinished]:
+    out: list[int] = []
+    finished = None
+    async for event in core.decode(request_id, tokens, kwargs.pop("num_prompt_tokens", 0), params,  # type: ignore[arg-type]
+                                   **kwargs):  # type: ignore[arg-type]
+        if isinstance(event, DecodeChunk):
+            out += event.token_ids
+        else:
+            finished = event
+    assert finished is not None
+    return out, finished
+
+
+async def disaggregated(prefill: PodCore, decode: PodCore, request_id: str, prompt: list[int],
+                        params: SamplingParams = GREEDY) -> tuple[list[int], DecodeFinished]:
+    result = await prefill.prefill(request_id, prompt, params)
+    assert result.kv_handle is not None
+    rest, finished = await collect(decode, request_id, prompt + [result.first_token_id], params,
+                                   num_prompt_tokens=len(prompt), kv_handle=result.kv_handle)
+    return [result.first_token_id] + rest, finished
+
+
+async def wait_clean(*cores: PodCore, timeout: float = 5.0) -> None:
+    """Every pod back to zero used and zero leased blocks (or fail)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        loads = [c.load() for c in cores]
+        if all(ld.num_free_blocks == ld.num_total_blocks and ld.num_leased_blocks == 0 for ld in loads):
+            return
+        assert time.monotonic() < deadline, f"blocks still used or leased: {loads}"
+        await asyncio.sleep(0.02)

@@ -158,12 +158,11 @@ def _decode_attention(query: torch.Tensor, kv_cache: torch.Tensor, layer: int,
     s, h, d = query.shape
     kvh = kv_cache.shape[4]
     k, v = _gather_context(kv_cache, layer, block_tables, max_seq_len)
-    q = query.float().view(s, kvh, h // kvh, d)
-    scores = torch.matmul(q, k.transpose(-1, -2)) * scale  # [S, KVH, G, L]
-    pad = torch.arange(max_seq_len, device=query.device)[None, :] >= seq_lens[:, None]
-    scores.masked_fill_(pad[:, None, None, :], float("-inf"))
-    out = torch.matmul(torch.softmax(scores, dim=-1), v)  # [S, KVH, G, D]
-    return out.reshape(s, h, d).to(query.dtype)
+    q = query.float().unsqueeze(2)  # [S, H, 1, D]
+    keep = torch.arange(max_seq_len, device=query.device)[None, :] < seq_lens[:, None]
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=keep[:, None, None, :], scale=scale,
+                                         enable_gqa=kvh != h)  # [S, H, 1, D]
+    return out.view(s, h, d).to(query.dtype)
 
 
 def _varlen_attention(query: torch.Tensor, kv_cache: torch.Tensor, layer: int,

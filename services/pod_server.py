@@ -1,0 +1,98 @@
+"""One engine pod process: engine + KV transport + gRPC + HTTP, and its
+lifetime (ready only once serving; graceful drain on SIGTERM/SIGINT)."""
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+
+import grpc
+
+from splitserve.engine.engine_args import EngineArgs
+from splitserve.http_server import EmbeddedHTTPServer
+from splitserve.model_fingerprint import model_fingerprint
+from splitserve.pod_config import PodConfig
+from splitserve.pod_core import PodCore
+from splitserve.pod_engine import PodEngine
+from splitserve.pod_http import create_pod_http_app
+from splitserve.pod_messages import Role
+from splitserve.pod_servicer import PodServicer
+from splitserve.proto import splitserve_v1_pb2_grpc as pb_grpc
+
+logger = logging.getLogger("splitserve.pod")
+
+
+class PodServer:
+    """``run()`` serves until a signal (or ``request_stop``), then drains:
+    /health says "draining" and new RPCs get UNAVAILABLE; in-flight requests
+    get ``shutdown_grace_seconds`` to finish, the rest are aborted; leases are
+    released, the engine thread stops, NIXL is closed."""
+
+    def __init__(self, config: PodConfig, engine_args: EngineArgs) -> None:
+        self.config = config
+        self.engine_args = engine_args
+        self.status = "starting"
+        self._stop = asyncio.Event()
+        self.core: PodCore | None = None
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    def health(self) -> str:
+        return self.status
+
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.request_stop)
+        core = self.core = await asyncio.to_thread(self._build_core)
+        await core.start()
+        server = grpc.aio.server()
+        pb_grpc.add_EngineServicer_to_server(PodServicer(core), server)
+        bound = server.add_insecure_port(f"{self.config.host}:{self.config.port}")
+        if bound == 0:
+            raise OSError(f"cannot bind gRPC on {self.config.host}:{self.config.port}")
+        await server.start()
+        http = EmbeddedHTTPServer(create_pod_http_app(self.health, core.metrics.registry),
+                                  self.config.host, self.config.http_port)
+        await http.start()
+        stats = core.engine.stats()
+        logger.info("%s pod serving gRPC %s:%d, HTTP %d; %d KV blocks of %d tokens; incarnation %s",
+                    self.config.role.value, self.config.host, self.config.port, self.config.http_port,
+                    stats.scheduler.num_total_blocks, stats.block_size, core.incarnation_id)
+        self.status = "ok"
+        await self._stop.wait()
+        self.status = "draining"
+        logger.info("draining (grace %.0fs)", self.config.shutdown_grace_seconds)
+        await core.drain(self.config.shutdown_grace_seconds)
+        await server.stop(1.0)
+        await core.close()
+        await http.stop()
+        logger.info("stopped")
+        return 0
+
+    def _build_core(self) -> PodCore:
+        engine = PodEngine.from_engine_args(self.engine_args)
+        transport = None
+        client = None
+        if self.config.role is not Role.UNIFIED:
+            from splitserve.kvtransfer.nixl_transport import NixlTransport
+
+            kv_cache = engine.core.runner.kv_cache  # type: ignore[attr-defined]
+            dtype = str(kv_cache.dtype).removeprefix("torch.")
+            transport = NixlTransport(
+                self.config.transfer_agent_name, kv_cache,
+                model_fingerprint=model_fingerprint(self.engine_args.model, dtype),
+                ucx_tls=self.config.ucx_tls, default_timeout_s=self.config.kv_transfer_timeout_s)
+        if self.config.role is Role.DECODE:
+            from splitserve.decode.peer_client import GrpcPeerClient
+
+            client = GrpcPeerClient()
+        return PodCore(self.config, engine, transport, client)
+
+
+def serve(config: PodConfig, engine_args: EngineArgs) -> int:
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return asyncio.run(PodServer(config, engine_args).run())

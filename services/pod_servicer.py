@@ -1,0 +1,153 @@
+"""gRPC ``splitserve.v1.Engine`` servicer: converts messages, calls ``PodCore``.
+
+Unary RPCs answer a ``PodError`` with its status code (INVALID_ARGUMENT,
+NOT_FOUND, FAILED_PRECONDITION, UNAVAILABLE). Decode answers it with an
+``error`` event that ends the stream (the RPC itself ends OK), so a client
+sees refusals before and after the first token the same way. Unexpected
+exceptions become INTERNAL without details leaking beyond the message.
+"""
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+
+import grpc
+
+from splitserve.engine.block_hash import BLOCK_HASH_VERSION
+from splitserve.engine.errors import InvalidRequestError
+from splitserve.engine.sampling_params import SamplingParams
+from splitserve.pod_core import PodCore
+from splitserve.pod_messages import DecodeChunk, KVHandle, KVSource, PodError, Role
+from splitserve.proto import splitserve_v1_pb2 as pb
+from splitserve.proto import splitserve_v1_pb2_grpc as pb_grpc
+from splitserve.proto_convert import finish_reason_to_proto, logprobs_to_proto, sampling_from_proto
+
+logger = logging.getLogger(__name__)
+
+_ROLES = {Role.PREFILL: pb.ROLE_PREFILL, Role.DECODE: pb.ROLE_DECODE, Role.UNIFIED: pb.ROLE_UNIFIED}
+_SOURCES = {KVSource.PULLED: pb.KV_SOURCE_PULLED, KVSource.LOCAL: pb.KV_SOURCE_LOCAL,
+            KVSource.RECOMPUTED: pb.KV_SOURCE_RECOMPUTED}
+
+
+def _sampling(message: pb.SamplingParams) -> SamplingParams:
+    try:
+        return sampling_from_proto(message)
+    except (InvalidRequestError, ValueError) as exc:
+        raise PodError("INVALID_ARGUMENT", f"bad sampling parameters: {exc}") from None
+
+
+def handle_from_proto(m: pb.KVHandle) -> KVHandle:
+    return KVHandle(m.request_id, m.peer_address, m.agent_name, m.incarnation_id, tuple(m.block_ids),
+                    m.num_tokens, m.lease_deadline_unix)
+
+
+def handle_to_proto(h: KVHandle) -> pb.KVHandle:
+    return pb.KVHandle(request_id=h.request_id, peer_address=h.peer_address, agent_name=h.agent_name,
+                       incarnation_id=h.incarnation_id, block_ids=h.block_ids, num_tokens=h.num_tokens,
+                       lease_deadline_unix=h.lease_deadline_unix)
+
+
+async def _fail(context: grpc.aio.ServicerContext, exc: Exception) -> None:
+    if isinstance(exc, PodError):
+        await context.abort(getattr(grpc.StatusCode, exc.code), exc.message)
+    logger.exception("unexpected error in an RPC")
+    await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}")
+
+
+class PodServicer(pb_grpc.EngineServicer):
+    def __init__(self, core: PodCore) -> None:
+        self.core = core
+
+    async def Prefill(self, request: pb.PrefillRequest, context: grpc.aio.ServicerContext) -> pb.PrefillResponse:
+        try:
+            r = await self.core.prefill(request.request_id, list(request.token_ids), _sampling(request.sampling),
+                                        request.cache_salt or None)
+        except Exception as exc:  # noqa: BLE001 - mapped to a status
+            await _fail(context, exc)
+            raise
+        reply = pb.PrefillResponse(first_token_id=r.first_token_id, finish_reason=finish_reason_to_proto(
+            r.finish_reason), num_prompt_tokens=r.num_prompt_tokens, num_cached_tokens=r.num_cached_tokens)
+        if r.first_logprobs is not None:
+            reply.first_logprobs.CopyFrom(logprobs_to_proto(r.first_logprobs))
+        if r.kv_handle is not None:
+            reply.kv_handle.CopyFrom(handle_to_proto(r.kv_handle))
+        return reply
+
+    async def Decode(self, request: pb.DecodeRequest,
+                     context: grpc.aio.ServicerContext) -> AsyncIterator[pb.DecodeResponse]:
+        try:
+            handle = handle_from_proto(request.kv_handle) if request.HasField("kv_handle") else None
+            events = self.core.decode(request.request_id, list(request.token_ids), request.num_prompt_tokens,
+                                      _sampling(request.sampling), handle, request.cache_salt or None)
+            async for event in events:
+                if isinstance(event, DecodeChunk):
+                    yield pb.DecodeResponse(chunk=pb.TokenChunk(
+                        token_ids=event.token_ids, logprobs=[logprobs_to_proto(lp) for lp in event.logprobs]))
+                else:
+                    yield pb.DecodeResponse(finished=pb.Finished(
+                        reason=finish_reason_to_proto(event.reason), num_prompt_tokens=event.num_prompt_tokens,
+                        num_output_tokens=event.num_output_tokens, num_cached_tokens=event.num_cached_tokens,
+                        kv_source=_SOURCES[event.kv_source], num_pulled_blocks=event.num_pulled_blocks,
+                        num_pulled_bytes=event.num_pulled_bytes))
+        except PodError as exc:
+            yield pb.DecodeResponse(error=pb.Error(code=exc.code, message=exc.message))
+        except Exception as exc:  # noqa: BLE001 - reported in-stream
+            logger.exception("unexpected error in Decode")
+            yield pb.DecodeResponse(error=pb.Error(code="INTERNAL", message=f"internal error: {type(exc).__name__}"))
+
+    async def Abort(self, request: pb.AbortRequest, context: grpc.aio.ServicerContext) -> pb.AbortResponse:
+        if not self.core.abort(request.request_id):
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"no request {request.request_id!r} on this pod")
+        return pb.AbortResponse(found=True)
+
+    async def GetTransferMetadata(self, request: pb.GetTransferMetadataRequest,
+                                  context: grpc.aio.ServicerContext) -> pb.TransferMetadata:
+        try:
+            m = self.core.transfer_metadata()
+        except Exception as exc:  # noqa: BLE001
+            await _fail(context, exc)
+            raise
+        layout = m.layout
+        return pb.TransferMetadata(
+            protocol_version=m.protocol_version, incarnation_id=m.incarnation_id, agent_name=m.agent_name,
+            agent_metadata=m.agent_metadata, model_fingerprint=m.model_fingerprint,
+            block_hash_version=m.block_hash_version, base_address=m.base_address, encoded=m.to_bytes(),
+            layout=pb.KVLayout(num_blocks=layout.num_blocks, num_layers=layout.num_layers,
+                               block_size=layout.block_size, num_kv_heads=layout.num_kv_heads,
+                               head_dim=layout.head_dim, dtype=layout.dtype))
+
+    async def ClaimKV(self, request: pb.ClaimKVRequest, context: grpc.aio.ServicerContext) -> pb.ClaimKVResponse:
+        try:
+            return pb.ClaimKVResponse(block_ids=self.core.claim_kv(request.request_id, request.incarnation_id))
+        except Exception as exc:  # noqa: BLE001
+            await _fail(context, exc)
+            raise
+
+    async def ReleaseKV(self, request: pb.ReleaseKVRequest,
+                        context: grpc.aio.ServicerContext) -> pb.ReleaseKVResponse:
+        try:
+            return pb.ReleaseKVResponse(found=self.core.release_kv(request.request_id))
+        except Exception as exc:  # noqa: BLE001
+            await _fail(context, exc)
+            raise
+
+    async def GetLoad(self, request: pb.GetLoadRequest, context: grpc.aio.ServicerContext) -> pb.LoadReport:
+        s = self.core.load()
+        return pb.LoadReport(
+            role=_ROLES[s.role], incarnation_id=s.incarnation_id, num_running=s.num_running,
+            num_waiting=s.num_waiting, num_waiting_for_remote_kv=s.num_waiting_for_remote_kv,
+            queued_prompt_tokens=s.queued_prompt_tokens, num_free_blocks=s.num_free_blocks,
+            num_total_blocks=s.num_total_blocks, kv_cache_usage=s.kv_cache_usage, block_size=s.block_size,
+            num_leased_blocks=s.num_leased_blocks)
+
+    async def StreamKVEvents(self, request: pb.StreamKVEventsRequest,
+                             context: grpc.aio.ServicerContext) -> AsyncIterator[pb.KVEventBatch]:
+        try:
+            events = self.core.kv_events()
+        except Exception as exc:  # noqa: BLE001
+            await _fail(context, exc)
+            raise
+        async for batch in events:
+            yield pb.KVEventBatch(stored_block_hashes=list(batch.stored_block_hashes),
+                                  removed_block_hashes=list(batch.removed_block_hashes),
+                                  all_cleared=batch.all_cleared, block_hash_version=BLOCK_HASH_VERSION)

@@ -18,6 +18,7 @@ COMMAND_MODULES = (
     "splitserve.up_command",
     "splitserve.model_command",
     "splitserve.router_command",
+    "splitserve.serve_command",
 )
 
 

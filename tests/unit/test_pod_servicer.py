@@ -1,0 +1,79 @@
+"""The gRPC servicer over real pod cores in one process: status codes for bad
+input, the Decode error event, metadata, load and metrics; pods keep serving."""
+from __future__ import annotations
+
+import grpc
+import pytest
+import pytest_asyncio
+from prometheus_client import generate_latest
+
+from pod_fixtures import Cluster, wait_clean
+from splitserve.engine.sampling_params import SamplingParams
+from splitserve.kvtransfer import TransferMetadata
+from splitserve.pod_messages import Role
+from splitserve.pod_servicer import PodServicer
+from splitserve.proto import splitserve_v1_pb2 as pb
+from splitserve.proto import splitserve_v1_pb2_grpc as pb_grpc
+from splitserve.proto_convert import sampling_to_proto
+
+pytestmark = [pytest.mark.asyncio, pytest.mark.timeout(120)]
+GREEDY = sampling_to_proto(SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True))
+
+
+@pytest_asyncio.fixture
+async def stubs(tiny_checkpoints: dict):
+    cluster = Cluster(tiny_checkpoints["llama"])
+    servers, out = [], {}
+    for role in (Role.PREFILL, Role.DECODE):
+        server = grpc.aio.server()
+        port = server.add_insecure_port("127.0.0.1:0")
+        core = await cluster.pod(role, f"127.0.0.1:{port}")
+        pb_grpc.add_EngineServicer_to_server(PodServicer(core), server)
+        await server.start()
+        servers.append(server)
+        out[role] = (pb_grpc.EngineStub(grpc.aio.insecure_channel(f"127.0.0.1:{port}")), core)
+    yield out
+    for server in servers:
+        await server.stop(0)
+    await cluster.close()
+
+
+async def _code(call) -> grpc.StatusCode:
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await call
+    return info.value.code()
+
+
+async def test_status_codes_and_error_events(stubs: dict) -> None:
+    (p, pcore), (d, dcore) = stubs[Role.PREFILL], stubs[Role.DECODE]
+    bad_sampling = pb.SamplingParams(temperature=-1.0, top_p=1.0, repetition_penalty=1.0)
+    for tokens, sampling in (([288], GREEDY), ([], GREEDY), ([1] * 500, GREEDY), ([1, 2], bad_sampling)):
+        request = pb.PrefillRequest(request_id="x", token_ids=tokens, sampling=sampling)
+        assert await _code(p.Prefill(request)) == grpc.StatusCode.INVALID_ARGUMENT
+        events = [e async for e in d.Decode(pb.DecodeRequest(request_id="x", token_ids=tokens, sampling=sampling))]
+        assert len(events) == 1 and events[0].error.code == "INVALID_ARGUMENT"
+    assert await _code(p.ClaimKV(pb.ClaimKVRequest(request_id="nope"))) == grpc.StatusCode.NOT_FOUND
+    assert await _code(p.ReleaseKV(pb.ReleaseKVRequest(request_id="nope"))) == grpc.StatusCode.NOT_FOUND
+    assert await _code(p.Abort(pb.AbortRequest(request_id="nope"))) == grpc.StatusCode.NOT_FOUND
+    assert await _code(d.Prefill(pb.PrefillRequest(request_id="y", token_ids=[1], sampling=GREEDY))) \
+        == grpc.StatusCode.FAILED_PRECONDITION
+    # Still serving: a full hand-off over the servicers.
+    first = await p.Prefill(pb.PrefillRequest(request_id="ok", token_ids=list(range(1, 20)), sampling=GREEDY))
+    assert first.kv_handle.num_tokens == 19 and len(first.kv_handle.block_ids) == 3
+    events = [e async for e in d.Decode(pb.DecodeRequest(
+        request_id="ok", token_ids=list(range(1, 20)) + [first.first_token_id], num_prompt_tokens=19,
+        sampling=GREEDY, kv_handle=first.kv_handle))]
+    assert sum(len(e.chunk.token_ids) for e in events) == 3
+    assert events[-1].finished.kv_source == pb.KV_SOURCE_PULLED
+    load = await p.GetLoad(pb.GetLoadRequest())
+    assert load.role == pb.ROLE_PREFILL and load.block_size == 8
+    meta = await p.GetTransferMetadata(pb.GetTransferMetadataRequest())
+    assert TransferMetadata.from_bytes(meta.encoded).agent_name == meta.agent_name == pcore.config.transfer_agent_name
+    text = generate_latest(dcore.metrics.registry).decode()
+    for name in ("kv_transfer_bytes_total", "time_to_first_token_seconds_count", "num_requests_running",
+                 "request_success_total{finished_reason=\"length\"} 1.0", "kv_cache_usage_perc"):
+        assert "splitserve:" + name in text, name
+    await wait_clean(pcore, dcore)
+    dcore.draining = True
+    events = [e async for e in d.Decode(pb.DecodeRequest(request_id="z", token_ids=[1], sampling=GREEDY))]
+    assert events[0].error.code == "UNAVAILABLE"

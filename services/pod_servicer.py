@@ -93,7 +93,8 @@ class PodServicer(pb_grpc.EngineServicer):
             yield pb.DecodeResponse(error=pb.Error(code=exc.code, message=exc.message))
         except Exception as exc:  # noqa: BLE001 - reported in-stream
             logger.exception("unexpected error in Decode")
-            yield pb.DecodeResponse(error=pb.Error(code="INTERNAL", message=f"internal error: {type(exc).__name__}"))
+            message = f"internal error: {type(exc).__name__}"
+            yield pb.DecodeResponse(error=pb.Error(code="INTERNAL", message=message))
 
     async def Abort(self, request: pb.AbortRequest, context: grpc.aio.ServicerContext) -> pb.AbortResponse:
         if not self.core.abort(request.request_id):

@@ -75,14 +75,16 @@ class KVPuller:
         try:
             peer = await self.peers.resolve(handle)
         except (PeerUnreachableError, InvalidMetadataError, StaleHandleError) as exc:
-            return self._recompute(load.request_id, handle, f"handshake with {handle.peer_address} failed: {exc}")
+            return self._recompute(load.request_id, handle,
+                                   f"handshake with {handle.peer_address} failed: {exc}")
         except Exception:
             self._release_lease(handle)
             raise
         try:
             remote = [handle.block_ids[i] for i in load.remote_block_indices]
         except IndexError:
-            return self._recompute(load.request_id, handle, "the KV handle lists fewer blocks than its num_tokens needs")
+            return self._recompute(load.request_id, handle,
+                                   "the KV handle lists fewer blocks than its num_tokens needs")
         try:
             await self.client.claim_kv(handle.peer_address, handle.request_id, handle.incarnation_id)
         except LeaseNotFoundError as exc:

@@ -59,7 +59,8 @@ class GrpcPeerClient:
             reply = await self._stub(address).GetTransferMetadata(  # type: ignore[attr-defined]
                 self._pb.GetTransferMetadataRequest(), timeout=self._timeout_s)
         except grpc.aio.AioRpcError as exc:
-            raise PeerUnreachableError(f"GetTransferMetadata to {address}: {exc.code().name} {exc.details()}") from None
+            raise PeerUnreachableError(
+                f"GetTransferMetadata to {address}: {exc.code().name} {exc.details()}") from None
         if not reply.encoded:
             raise InvalidMetadataError(f"prefill pod {address} sent transfer metadata without `encoded`")
         return TransferMetadata.from_bytes(reply.encoded)

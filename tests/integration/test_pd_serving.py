@@ -88,10 +88,12 @@ def assert_clean(*pods: Pod, timeout: float = 10.0) -> None:
 
 
 def prefill(pod: Pod, request_id: str, prompt: list[int]) -> pb.PrefillResponse:
-    return pod.stub.Prefill(pb.PrefillRequest(request_id=request_id, token_ids=prompt, sampling=GREEDY), timeout=30)
+    request = pb.PrefillRequest(request_id=request_id, token_ids=prompt, sampling=GREEDY)
+    return pod.stub.Prefill(request, timeout=30)
 
 
-def decode(pod: Pod, request_id: str, prompt: list[int], first: pb.PrefillResponse) -> tuple[list[int], pb.DecodeResponse]:
+def decode(pod: Pod, request_id: str, prompt: list[int],
+           first: pb.PrefillResponse) -> tuple[list[int], pb.DecodeResponse]:
     request = pb.DecodeRequest(request_id=request_id, token_ids=prompt + [first.first_token_id],
                                num_prompt_tokens=len(prompt), sampling=GREEDY, kv_handle=first.kv_handle)
     tokens, last = [first.first_token_id], None

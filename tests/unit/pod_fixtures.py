@@ -49,8 +49,8 @@ async def collect(core: PodCore, request_id: str, tokens: list[int], params: Sam
                   **kwargs: object) -> tuple[list[int], DecodeFinished]:
     out: list[int] = []
     finished = None
-    async for event in core.decode(request_id, tokens, kwargs.pop("num_prompt_tokens", 0), params,  # type: ignore[arg-type]
-                                   **kwargs):  # type: ignore[arg-type]
+    num_prompt_tokens = int(kwargs.pop("num_prompt_tokens", 0))  # type: ignore[call-overload]
+    async for event in core.decode(request_id, tokens, num_prompt_tokens, params, **kwargs):  # type: ignore[arg-type]
         if isinstance(event, DecodeChunk):
             out += event.token_ids
         else:

@@ -68,7 +68,8 @@ async def test_status_codes_and_error_events(stubs: dict) -> None:
     load = await p.GetLoad(pb.GetLoadRequest())
     assert load.role == pb.ROLE_PREFILL and load.block_size == 8
     meta = await p.GetTransferMetadata(pb.GetTransferMetadataRequest())
-    assert TransferMetadata.from_bytes(meta.encoded).agent_name == meta.agent_name == pcore.config.transfer_agent_name
+    decoded = TransferMetadata.from_bytes(meta.encoded)
+    assert decoded.agent_name == meta.agent_name == pcore.config.transfer_agent_name
     text = generate_latest(dcore.metrics.registry).decode()
     for name in ("kv_transfer_bytes_total", "time_to_first_token_seconds_count", "num_requests_running",
                  "request_success_total{finished_reason=\"length\"} 1.0", "kv_cache_usage_perc"):

@@ -163,6 +163,8 @@ class Orchestrator:
                 self.router.pools["prefill"].set_ready(pod, False)  # until its next good poll
                 self._abort_later(pod, request.request_id)
                 run.prefill_pod = None
+            finally:
+                self.router.pools["prefill"].note_done(pod, run.num_prompt_tokens)
         self.metrics.retries.labels("prefill", "fallback_decode_only").inc()
         return None
 
@@ -173,7 +175,7 @@ class Orchestrator:
         request = run.request
         retries = 0
         while True:
-            run.decode_pod = pod
+            run.decode_pod = attempt_pod = pod
             held: TokenChunk | None = None
             try:
                 events = self.clients[pod].decode(
@@ -214,6 +216,7 @@ class Orchestrator:
                 if exc.code == grpc.StatusCode.NOT_FOUND:
                     # The KV handle expired or its prefill pod restarted: compute here.
                     self.metrics.retries.labels(role, "kv_handle_not_found").inc()
+                    self.router.pools[role].note_assigned(pod, run.num_prompt_tokens)  # same pod again
                     handle = None
                     continue
                 if retries >= self.config.max_decode_retries:
@@ -232,6 +235,8 @@ class Orchestrator:
                     raise BackendUnavailableError(
                         f"decode pod {pod} failed ({exc.code.name}) and no other {role} pod is ready"
                     ) from None
+            finally:
+                self.router.pools[role].note_done(attempt_pod, run.num_prompt_tokens)
 
     def _may_end(self, params: SamplingParams, run: _Run) -> bool:
         count = len(run.outputs)

@@ -68,6 +68,16 @@ class PodPool:
         load.waiting_seqs += 1
         load.queued_prompt_tokens += num_prompt_tokens
 
+    def note_done(self, pod_id: str, num_prompt_tokens: int) -> None:
+        """Undo ``note_assigned`` once the router sees the work end (a Prefill
+        answered, a Decode stream closed), so a stale count does not push the
+        next request away before the next poll. Unknown pods are ignored."""
+        state = self._pods.get(pod_id)
+        if state is None:
+            return
+        state.load.waiting_seqs = max(0, state.load.waiting_seqs - 1)
+        state.load.queued_prompt_tokens = max(0, state.load.queued_prompt_tokens - num_prompt_tokens)
+
     def ready_pods(self) -> list[PodState]:
         return [self._pods[k] for k in sorted(self._pods) if self._pods[k].ready]
 

@@ -84,6 +84,9 @@ async def test_disaggregated_path_streams_first_token_then_decode(cluster: FakeC
     assert tuple(dec.token_ids) == LONG + (chunks[0].token_ids[0],) and dec.num_prompt_tokens == len(LONG)
     assert dec.kv_handle.peer_address == p.address and not p.leases
     assert s.count("splitserve:pd_decisions_total", path="disaggregated") == 1
+    for role, pod in (("prefill", p), ("decode", d)):  # the router's own in-flight count is undone
+        load = s.router.pools[role].get(pod.address).load
+        assert load.num_requests == 0 and load.queued_prompt_tokens == 0
 
 
 async def test_short_uncached_prompt_goes_decode_only_and_seed_is_drawn(cluster: FakeCluster) -> None:

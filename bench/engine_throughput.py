@@ -176,7 +176,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     parser.add_argument("--dtype", default=None, help="default: float32 on CPU, bfloat16 on CUDA")
     parser.add_argument("--json", type=Path, default=None, help="write the results here")
+    parser.add_argument("--peer", choices=("vllm",), default=None,
+                        help="also run vLLM's CPU build on the same workload (bench/peers/engine_peer.py); "
+                             "--dtype float32|bfloat16|both, --threads 1|2")
+    parser.add_argument("--threads", type=int, choices=(1, 2), default=2, help="cores for --peer runs")
     args = parser.parse_args(argv)
+    if args.peer:
+        from bench.peers.engine_peer import main_peer
+
+        return main_peer(args)
 
     import torch
 

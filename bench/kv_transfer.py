@@ -17,6 +17,7 @@ Layouts: the 56M bench Llama (8 layers, 4 KV heads x 64, fp32, 16 tokens:
 shared memory; handoff overhead (NIXL p50 - memcpy p50) < 2 ms on loopback.
 
     python bench/kv_transfer.py [--quick] [--json PATH]
+    python bench/kv_transfer.py --peer vllm [--quick]   # + vLLM NixlConnector 1P1D per prompt length (kv_peer.py)
 """
 from __future__ import annotations
 
@@ -30,6 +31,7 @@ import select
 import subprocess
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -167,6 +169,8 @@ def main() -> None:
     parser.add_argument("--sizes", nargs="+", type=int, default=list(SIZES), help="blocks per request")
     parser.add_argument("--shm-tls", default=None,
                         help="UCX_TLS for the nixl-shm mode (default: UCX's own choice)")
+    parser.add_argument("--peer", choices=("vllm",), default=None,
+                        help="vLLM NixlConnector 1P1D handoff per prompt length beside ours (llama-56m-fp32)")
     parser.add_argument("--serve-peer", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--layout", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--ucx-tls", default="", help=argparse.SUPPRESS)
@@ -177,6 +181,9 @@ def main() -> None:
     # One copying thread, like NIXL's single READ: torch's intra-op pool on a
     # busy host otherwise waits for descheduled workers (8 ms steps).
     torch.set_num_threads(1)
+    if args.peer:
+        run_peer(args)
+        return
     started = time.monotonic()
     rows: list[dict] = []
     for name in args.layouts:
@@ -187,6 +194,41 @@ def main() -> None:
         rows += bench_nixl(name, layout, dst, "nixl-tcp", "tcp", args.sizes, args.quick)
         del dst
     _report(rows, args, time.monotonic() - started)
+
+
+def run_peer(args: argparse.Namespace) -> None:
+    """Ours (NixlTransport, same bytes) then vLLM's 1P1D pair; one table + JSON."""
+    from bench.bench_models import LLAMA_56M, ensure_bench_model
+    from bench.peers.kv_peer import PROMPT_LENGTHS, format_rows, measure_vllm_handoffs
+
+    started = time.monotonic()
+    name = "llama-56m-fp32"
+    layout = KVCacheLayout(num_blocks=NUM_BLOCKS, **LAYOUTS[name])  # type: ignore[arg-type]
+    sizes = [-(-n // layout.block_size) for n in PROMPT_LENGTHS]
+    dst = _cache(layout)
+    ours = bench_memcpy(name, layout, dst, sizes, True) + bench_nixl(name, layout, dst, "nixl-shm", args.shm_tls,
+                                                                     sizes, True)
+    del dst
+    print("[peer] vLLM 1P1D pair (NixlConnector, cores 0 + 1) starting (50-90 s) ...", flush=True)
+    vllm_rows, startup = measure_vllm_handoffs(ensure_bench_model("float32"), PROMPT_LENGTHS,
+                                               LLAMA_56M.vocab_size, repeats=1 if args.quick else 3)
+    nixl = [r for r in ours if r["mode"] == "nixl-shm"]
+    print(format_rows(vllm_rows, nixl))
+    print("vLLM: xfer = delta of vllm:nixl_xfer_time_seconds_sum on the decode server's /metrics, MiB = delta "
+          "of vllm:nixl_bytes_transferred_sum; dec = decode request (max_tokens=1) wall; local = same prompt "
+          "again on decode without kv params (prefix cache holds only full 128-token blocks: mostly recompute).  ours: NixlTransport READ of the same bytes "
+          f"(16-token blocks, UCX shm, p50). vLLM startup {startup:.0f} s; {time.monotonic() - started:.0f} s")
+    out = args.json or Path("bench/results/kv_transfer_peer.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({
+        "benchmark": "kv_transfer_peer", "model": "llama-56m fp32 (16 KiB KV per token)",
+        "vllm": [{**asdict(v), "mb_per_s": v.mb_per_s, "handoff_overhead_s": v.handoff_overhead_s}
+                 for v in vllm_rows],
+        "splitserve": ours, "vllm_startup_s": startup,
+        "what": {"vllm": "NixlConnector 1P1D servers; per-request deltas of vLLM's own NIXL histograms",
+                 "splitserve": "NixlTransport READ between two processes, same layout and bytes (not via pods)"},
+    }, indent=2))
+    print(f"wrote {out}")
 
 
 def _report(rows: list[dict], args: argparse.Namespace, elapsed: float) -> None:

@@ -170,11 +170,11 @@ def run_engine_peer(workload: EngineWorkload, dtypes: list[str], threads: int,
         if dtype == "float32":
             print(f"[peer] transformers reference, first {agree_limit} requests ...", flush=True)
             ref = hf_greedy(model, workload, dtype, limit=agree_limit, threads=threads)
-            agreement += agreement_rows(dtype, {"transformers": ref, "splitserve": ours.output_token_ids,
-                                                theirs.system: theirs.output_token_ids}, agree_limit)
-        else:
-            agreement += agreement_rows(dtype, {"splitserve": ours.output_token_ids,
-                                                theirs.system: theirs.output_token_ids}, len(workload.requests))
+            for run in (ours, theirs):
+                agreement += agreement_rows(dtype, {"transformers": ref, run.system: run.output_token_ids},
+                                            agree_limit)
+        agreement += agreement_rows(dtype, {"splitserve": ours.output_token_ids,
+                                            theirs.system: theirs.output_token_ids}, len(workload.requests))
     return EnginePeerReport(tuple(runs), tuple(agreement))
 
 

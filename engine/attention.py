@@ -8,6 +8,7 @@ Backends: ``torch`` (CPU, and anywhere as a fallback) and ``triton`` (CUDA;
 from __future__ import annotations
 
 import logging
+import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
@@ -35,6 +36,12 @@ class AttentionMetadata:
     max_query_len: int
     max_seq_len: int
     decode_only: bool
+    # Built once per decode-only step by the runner and shared by every layer
+    # (None: the backend derives them): the blocks covering ``max_seq_len``
+    # as int64 [S, nb], and the additive key mask [S, 1, nb * block_size]
+    # (0 where a position is in the sequence, -inf past its end).
+    context_blocks: torch.Tensor | None = None
+    context_bias: torch.Tensor | None = None
 
 
 class AttentionBackend(ABC):
@@ -61,6 +68,9 @@ class TorchAttentionBackend(AttentionBackend):
 
     name = "torch"
 
+    def __init__(self) -> None:
+        self.workspace = Workspace()
+
     def store_kv(self, key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
                  layer: int, metadata: AttentionMetadata) -> None:
         from splitserve.kernels.store_kv import store_kv_reference
@@ -70,8 +80,11 @@ class TorchAttentionBackend(AttentionBackend):
     def forward(self, query: torch.Tensor, kv_cache: torch.Tensor, layer: int,
                 metadata: AttentionMetadata, scale: float) -> torch.Tensor:
         if metadata.decode_only:
-            return _decode_attention(query, kv_cache, layer, metadata.block_tables,
-                                     metadata.seq_lens, metadata.max_seq_len, scale)
+            blocks, bias = metadata.context_blocks, metadata.context_bias
+            if blocks is None or bias is None:
+                blocks, bias = decode_context(metadata.block_tables, metadata.seq_lens,
+                                              metadata.max_seq_len, kv_cache.shape[3])
+            return _decode_attention(query, kv_cache, layer, blocks, bias, scale, self.workspace)
         return _varlen_attention(query, kv_cache, layer, metadata, scale)
 
 
@@ -152,16 +165,68 @@ def _gather_context(kv_cache: torch.Tensor, layer: int, block_tables: torch.Tens
     return k, v
 
 
-def _decode_attention(query: torch.Tensor, kv_cache: torch.Tensor, layer: int,
-                      block_tables: torch.Tensor, seq_lens: torch.Tensor, max_seq_len: int,
-                      scale: float) -> torch.Tensor:
+def decode_context(block_tables: torch.Tensor, seq_lens: torch.Tensor, max_seq_len: int,
+                   block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The blocks [S, nb] (int64) a decode step reads and the additive mask
+    [S, 1, nb * block_size] hiding each row's positions past its length."""
+    num_blocks = -(-max_seq_len // block_size)
+    blocks = block_tables[:, :num_blocks].long()
+    positions = torch.arange(num_blocks * block_size, device=block_tables.device)
+    bias = torch.zeros(blocks.shape[0], 1, positions.shape[0], dtype=torch.float32, device=block_tables.device)
+    bias.masked_fill_((positions[None, :] >= seq_lens[:, None])[:, None, :], float("-inf"))
+    return blocks, bias
+
+
+class Workspace:
+    """Reusable scratch tensors, grown geometrically and never shrunk.
+
+    A decode step's gathered context is tens of MB per layer; allocating it
+    fresh each time makes glibc mmap it and the first touch page-faults every
+    page, which costs several times the copy itself.
+    """
+
+    def __init__(self) -> None:
+        self._buffers: dict[str, torch.Tensor] = {}
+
+    def get(self, name: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        numel = math.prod(shape)
+        buf = self._buffers.get(name)
+        if buf is None or buf.numel() < numel or buf.dtype != dtype or buf.device != device:
+            buf = torch.empty(numel + numel // 4, dtype=dtype, device=device)
+            self._buffers[name] = buf
+        return buf[:numel].view(shape)
+
+
+def _gather_blocks(kv_cache: torch.Tensor, layer: int, which: int, blocks: torch.Tensor,
+                   workspace: Workspace) -> torch.Tensor:
+    """K (which=0) or V (1) of ``blocks`` [S, nb], head-major in fp32:
+    [S * KVH, nb * block_size, D], contiguous so that bmm batches it in one
+    call (on strided operands it falls back to one small matmul per matrix).
+    The block copy then the transpose beat selecting from a head-major view."""
+    s, nb = blocks.shape
+    bs, kvh, d = kv_cache.shape[3], kv_cache.shape[4], kv_cache.shape[5]
+    gathered = workspace.get(f"gather{which}", (s * nb, bs, kvh, d), kv_cache.dtype, kv_cache.device)
+    torch.index_select(kv_cache[:, layer, which], 0, blocks.view(-1), out=gathered)
+    out = workspace.get(f"heads{which}", (s, kvh, nb, bs, d), torch.float32, kv_cache.device)
+    out.copy_(gathered.view(s, nb, bs, kvh, d).permute(0, 3, 1, 2, 4))
+    return out.view(s * kvh, nb * bs, d)
+
+
+def _decode_attention(query: torch.Tensor, kv_cache: torch.Tensor, layer: int, blocks: torch.Tensor,
+                      bias: torch.Tensor, scale: float, workspace: Workspace) -> torch.Tensor:
+    """One query row per sequence: two batched matmuls over the gathered
+    context with (sequence, KV head) as the batch and the head's query group
+    as the rows, so GQA needs no expansion (and no SDPA, whose q_len-1 path
+    costs more than the math); fp32 throughout like the reference kernel."""
     s, h, d = query.shape
     kvh = kv_cache.shape[4]
-    k, v = _gather_context(kv_cache, layer, block_tables, max_seq_len)
-    q = query.float().unsqueeze(2)  # [S, H, 1, D]
-    keep = torch.arange(max_seq_len, device=query.device)[None, :] < seq_lens[:, None]
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=keep[:, None, None, :], scale=scale,
-                                         enable_gqa=kvh != h)  # [S, H, 1, D]
+    k = _gather_blocks(kv_cache, layer, 0, blocks, workspace)  # [S * KVH, L, D]
+    v = _gather_blocks(kv_cache, layer, 1, blocks, workspace)
+    q = query.float().reshape(s * kvh, h // kvh, d)
+    width = k.shape[1]
+    bias = bias.expand(s, kvh, width).reshape(s * kvh, 1, width)
+    scores = torch.baddbmm(bias, q, k.transpose(1, 2), alpha=scale)  # [S * KVH, G, L]
+    out = torch.bmm(torch.softmax(scores, dim=-1), v)  # [S * KVH, G, D]
     return out.view(s, h, d).to(query.dtype)
 
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from splitserve.engine.attention import AttentionBackend, AttentionMetadata, select_backend
+from splitserve.engine.attention import AttentionBackend, AttentionMetadata, decode_context, select_backend
 from splitserve.engine.engine_args import EngineArgs
 from splitserve.engine.kv_cache import KVCacheSpec, allocate_kv_cache, determine_num_blocks
 from splitserve.engine.model_config import ModelConfig, resolve_dtype
@@ -80,14 +80,22 @@ class ModelRunner:
         sample_rows = (query_start_loc[1:] - 1)[torch.tensor(so.samples, dtype=torch.bool)]
 
         dev = self.device
+        decode_only = all(n == 1 for n in counts)
+        block_tables_d = block_tables.to(dev, non_blocking=True)
+        seq_lens_d = torch.tensor(seq_lens, dtype=torch.int32).to(dev, non_blocking=True)
+        context_blocks = context_bias = None
+        if decode_only and dev.type == "cpu":
+            context_blocks, context_bias = decode_context(block_tables_d, seq_lens_d, max(seq_lens), bs)
         metadata = AttentionMetadata(
             slot_mapping=slot_mapping.to(dev, non_blocking=True),
-            block_tables=block_tables.to(dev, non_blocking=True),
-            seq_lens=torch.tensor(seq_lens, dtype=torch.int32).to(dev, non_blocking=True),
+            block_tables=block_tables_d,
+            seq_lens=seq_lens_d,
             query_start_loc=query_start_loc.to(torch.int32).to(dev, non_blocking=True),
             max_query_len=max(counts),
             max_seq_len=max(seq_lens),
-            decode_only=all(n == 1 for n in counts),
+            decode_only=decode_only,
+            context_blocks=context_blocks,
+            context_bias=context_bias,
         )
         return StepInputs(
             input_ids=torch.tensor(input_ids, dtype=torch.int64).to(dev, non_blocking=True),

@@ -31,8 +31,14 @@ test: install
 test-fast: install
 	$(PY) -m pytest -q $(PYTEST_ARGS) -m "not gpu and not integration and not e2e"
 
+# Our benches; quick unless BENCH_ARGS says otherwise. JSON under bench/results/ (git-ignored).
+BENCH_ARGS ?= --quick
+RESULTS ?= bench/results
 bench: install
-	$(PY) bench/engine_throughput.py --quick
+	mkdir -p $(RESULTS)
+	$(PY) bench/engine_throughput.py $(BENCH_ARGS) --json $(RESULTS)/engine_throughput.json
+	$(PY) bench/kv_transfer.py $(BENCH_ARGS) --json $(RESULTS)/kv_transfer.json
+	$(PY) bench/serving.py $(BENCH_ARGS) --json $(RESULTS)/serving.json
 
 clean:
 	rm -rf $(VENV) .cache build *.egg-info
@@ -43,10 +49,7 @@ clean:
 PEER_ARGS ?=
 bench-peers: install
 	$(PY) bench/peers/vllm_env.py ensure --quiet
-	@if [ -f bench/engine_throughput.py ] && $(PY) bench/engine_throughput.py --help 2>/dev/null | grep -q -- '--peer'; then \
-		echo "+ $(PY) bench/engine_throughput.py $(PEER_ARGS) --peer vllm"; \
-		$(PY) bench/engine_throughput.py $(PEER_ARGS) --peer vllm; \
-	else \
-		echo "+ $(PY) bench/peers/vllm_runner.py $(PEER_ARGS) --dtype float32 bfloat16 --threads 2"; \
-		$(PY) bench/peers/vllm_runner.py $(PEER_ARGS) --dtype float32 bfloat16 --threads 2 --json .cache/bench/vllm-offline.json; \
-	fi
+	mkdir -p $(RESULTS)
+	$(PY) bench/engine_throughput.py $(PEER_ARGS) --peer vllm --dtype both --threads 2 --json $(RESULTS)/engine_peer.json
+	$(PY) bench/kv_transfer.py $(PEER_ARGS) --peer vllm --json $(RESULTS)/kv_transfer_peer.json
+	$(PY) bench/serving.py $(PEER_ARGS) --peer vllm --json $(RESULTS)/serving_peer.json

@@ -14,6 +14,12 @@ decode (2 engines). Model: the built-in tiny Llama (random weights) unless
 --model. Numbers on a shared CPU box are provisional.
 
     python bench/serving.py --quick --json .cache/bench/serving.json
+
+``--peer vllm`` (bench/peers/serving_peer.py): on the 56M bench model,
+splitserve 1P+1D and ``--unified 1``, then vLLM's CPU build as one unified
+server (cores 0-1) and as a NixlConnector 1P1D pair (core 0 + core 1, the
+two-step client: TTFT = the prefill reply, ITL = the decode stream's gaps),
+same rates and requests, one table.
 """
 from __future__ import annotations
 
@@ -176,9 +182,14 @@ async def router_overhead(cluster: LocalCluster, samples: int) -> dict[str, floa
             "router_added_ms_p50": (router_p50 - direct_p50) * 1000}
 
 
+DEPLOYMENTS = {"disaggregated 1P+1D": 0, "unified x2": 2}
+# --peer vllm: the splitserve side of the comparison (1P+1D and one unified engine, like vLLM's).
+PEER_DEPLOYMENTS = {"splitserve 1P+1D": 0, "splitserve unified x1": 1}
+
+
 def run_deployment(name: str, args: argparse.Namespace, model: str, rates: list[float],
                    workload_kwargs: dict[str, Any], overhead: bool) -> tuple[list[RateResult], dict | None]:
-    unified = 2 if name == "unified x2" else 0
+    unified = {**DEPLOYMENTS, **PEER_DEPLOYMENTS}[name]
     config = LocalClusterConfig(model=model, num_unified=unified, port=free_port(),
                                 engine_args=["--kv-cache-memory", str(256 * 1024 * 1024)],
                                 log_dir=args.log_dir / name.replace(" ", "-") if args.log_dir else None)
@@ -226,9 +237,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--overhead-samples", type=int, default=None)
     parser.add_argument("--json", type=Path, default=None, help="write results here")
     parser.add_argument("--log-dir", type=Path, default=None)
+    parser.add_argument("--peer", choices=("vllm",), default=None,
+                        help="also vLLM's CPU build (unified, and 1P1D via NixlConnector) on the 56M bench model")
     args = parser.parse_args(argv)
     from splitserve.up_command import resolve_model
 
+    if args.peer and args.model is None:
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+        from bench.bench_models import ensure_bench_model
+
+        args.model = str(ensure_bench_model("float32"))  # vLLM's CPU attention needs head_dim 64+
     model = resolve_model(args.model)
     rates = args.rates or ([2.0, 8.0] if args.quick else [1.0, 2.0, 4.0, 8.0, 16.0])
     args.num_requests = args.num_requests or (16 if args.quick else 64)
@@ -241,13 +259,24 @@ def main(argv: list[str] | None = None) -> int:
              assistant_words=(8, 32), num_conversations=8, max_tokens=32))
     results: list[RateResult] = []
     overhead = None
-    for name in ("disaggregated 1P+1D", "unified x2"):
-        rows, extra = run_deployment(name, args, model, rates, workload_kwargs, overhead=name.startswith("dis"))
+    startup: dict[str, float] = {}
+    for name in (PEER_DEPLOYMENTS if args.peer else DEPLOYMENTS):
+        rows, extra = run_deployment(name, args, model, rates, workload_kwargs, overhead="1P+1D" in name)
         results += rows
         overhead = overhead or extra
+    if args.peer:
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+        from bench.peers.serving_peer import run_vllm_deployments
+
+        rows, startup = run_vllm_deployments(Path(model), rates, args.num_requests, args.seed, workload_kwargs,
+                                             log_dir=args.log_dir)
+        results += rows
     print(f"\nmodel {model}; workload {workload_kwargs}; {args.num_requests} requests per rate; "
           f"host {platform.machine()} {platform.processor() or ''}".rstrip())
     print_table(results)
+    if args.peer:
+        print("vLLM 1P1D: TTFT = prefill reply time (max_tokens=1); ITL = decode stream gaps; "
+              f"vLLM startup s: {', '.join(f'{k} {v:.0f}' for k, v in startup.items())}")
     if overhead:
         print(f"\nrouter added latency (TTFT via router - direct Decode, p50 of {overhead['samples']}): "
               f"{overhead['router_added_ms_p50']:.1f} ms (router {overhead['router_ttft_p50_ms']:.1f} ms, "
@@ -255,7 +284,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         write_json({"schema": "splitserve.bench.serving/v1", "model": model, "quick": args.quick,
                     "workload": workload_kwargs, "results": [asdict(r) for r in results],
-                    "router_overhead": overhead}, args.json)
+                    "router_overhead": overhead,
+                    "peer": args.peer, "peer_startup_s": startup}, args.json)
         print(f"wrote {args.json}")
     return 0
 

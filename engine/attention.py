@@ -37,11 +37,22 @@ class AttentionMetadata:
     max_seq_len: int
     decode_only: bool
     # Built once per decode-only step by the runner and shared by every layer
-    # (None: the backend derives them): the blocks covering ``max_seq_len``
-    # as int64 [S, nb], and the additive key mask [S, 1, nb * block_size]
-    # (0 where a position is in the sequence, -inf past its end).
-    context_blocks: torch.Tensor | None = None
-    context_bias: torch.Tensor | None = None
+    # (None: the backend derives one group): see ``decode_groups``.
+    decode_groups: tuple[DecodeGroup, ...] | None = None
+
+
+@dataclass(frozen=True)
+class DecodeGroup:
+    """Decode rows of similar context length, attended together.
+
+    ``rows``: the group's rows of the step (None: all, in order); ``blocks``
+    [R, nb] int64 covering the group's longest context; ``bias`` [R, 1,
+    nb * block_size] additive key mask (0 inside each row's context, -inf past it).
+    """
+
+    rows: torch.Tensor | None
+    blocks: torch.Tensor
+    bias: torch.Tensor
 
 
 class AttentionBackend(ABC):
@@ -80,11 +91,18 @@ class TorchAttentionBackend(AttentionBackend):
     def forward(self, query: torch.Tensor, kv_cache: torch.Tensor, layer: int,
                 metadata: AttentionMetadata, scale: float) -> torch.Tensor:
         if metadata.decode_only:
-            blocks, bias = metadata.context_blocks, metadata.context_bias
-            if blocks is None or bias is None:
-                blocks, bias = decode_context(metadata.block_tables, metadata.seq_lens,
-                                              metadata.max_seq_len, kv_cache.shape[3])
-            return _decode_attention(query, kv_cache, layer, blocks, bias, scale, self.workspace)
+            groups = metadata.decode_groups
+            if groups is None:
+                groups = (decode_group(None, metadata.block_tables, metadata.seq_lens,
+                                       metadata.max_seq_len, kv_cache.shape[3]),)
+            if len(groups) == 1 and groups[0].rows is None:
+                g = groups[0]
+                return _decode_attention(query, kv_cache, layer, g.blocks, g.bias, scale, self.workspace)
+            out = torch.empty_like(query)
+            for g in groups:
+                out[g.rows] = _decode_attention(query[g.rows], kv_cache, layer, g.blocks, g.bias, scale,
+                                                self.workspace)
+            return out
         return _varlen_attention(query, kv_cache, layer, metadata, scale)
 
 
@@ -165,16 +183,34 @@ def _gather_context(kv_cache: torch.Tensor, layer: int, block_tables: torch.Tens
     return k, v
 
 
-def decode_context(block_tables: torch.Tensor, seq_lens: torch.Tensor, max_seq_len: int,
-                   block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The blocks [S, nb] (int64) a decode step reads and the additive mask
-    [S, 1, nb * block_size] hiding each row's positions past its length."""
+def decode_group(rows: torch.Tensor | None, block_tables: torch.Tensor, seq_lens: torch.Tensor,
+                 max_seq_len: int, block_size: int) -> DecodeGroup:
+    """The ``DecodeGroup`` of ``block_tables``/``seq_lens`` (already the group's rows)."""
     num_blocks = -(-max_seq_len // block_size)
     blocks = block_tables[:, :num_blocks].long()
     positions = torch.arange(num_blocks * block_size, device=block_tables.device)
     bias = torch.zeros(blocks.shape[0], 1, positions.shape[0], dtype=torch.float32, device=block_tables.device)
     bias.masked_fill_((positions[None, :] >= seq_lens[:, None])[:, None, :], float("-inf"))
-    return blocks, bias
+    return DecodeGroup(rows, blocks, bias)
+
+
+def decode_groups(block_tables: torch.Tensor, seq_lens: list[int], block_size: int,
+                  max_groups: int = 4, min_rows: int = 8) -> tuple[DecodeGroup, ...]:
+    """Split a decode step's rows by context length into up to ``max_groups``
+    groups of at least ``min_rows``: each group pads only to its own longest
+    context, which cuts the gathered bytes (the decode cost) when lengths vary."""
+    order = sorted(range(len(seq_lens)), key=seq_lens.__getitem__)
+    num = max(1, min(max_groups, len(order) // min_rows))
+    lens = torch.tensor(seq_lens, dtype=torch.int64, device=block_tables.device)
+    if num == 1:
+        return (decode_group(None, block_tables, lens, max(seq_lens), block_size),)
+    groups = []
+    size = -(-len(order) // num)
+    for start in range(0, len(order), size):
+        chunk = order[start:start + size]
+        rows = torch.tensor(chunk, dtype=torch.int64, device=block_tables.device)
+        groups.append(decode_group(rows, block_tables[rows], lens[rows], seq_lens[chunk[-1]], block_size))
+    return tuple(groups)
 
 
 class Workspace:

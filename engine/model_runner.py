@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from splitserve.engine.attention import AttentionBackend, AttentionMetadata, decode_context, select_backend
+from splitserve.engine.attention import AttentionBackend, AttentionMetadata, decode_groups, select_backend
 from splitserve.engine.engine_args import EngineArgs
 from splitserve.engine.kv_cache import KVCacheSpec, allocate_kv_cache, determine_num_blocks
 from splitserve.engine.model_config import ModelConfig, resolve_dtype
@@ -83,9 +83,9 @@ class ModelRunner:
         decode_only = all(n == 1 for n in counts)
         block_tables_d = block_tables.to(dev, non_blocking=True)
         seq_lens_d = torch.tensor(seq_lens, dtype=torch.int32).to(dev, non_blocking=True)
-        context_blocks = context_bias = None
+        groups = None
         if decode_only and dev.type == "cpu":
-            context_blocks, context_bias = decode_context(block_tables_d, seq_lens_d, max(seq_lens), bs)
+            groups = decode_groups(block_tables_d, seq_lens, bs)
         metadata = AttentionMetadata(
             slot_mapping=slot_mapping.to(dev, non_blocking=True),
             block_tables=block_tables_d,
@@ -94,8 +94,7 @@ class ModelRunner:
             max_query_len=max(counts),
             max_seq_len=max(seq_lens),
             decode_only=decode_only,
-            context_blocks=context_blocks,
-            context_bias=context_bias,
+            decode_groups=groups,
         )
         return StepInputs(
             input_ids=torch.tensor(input_ids, dtype=torch.int64).to(dev, non_blocking=True),
@@ -157,6 +156,7 @@ def load_model_runner(engine_args: EngineArgs) -> ModelRunner:
     max_model_len = config.resolve_max_model_len(engine_args.max_model_len)
     model = build_model(config, max_model_len, dtype, device)
     load_weights(model, engine_args.model)
+    model.fuse_projections()
     model.eval()
     spec = KVCacheSpec(config.num_layers, config.num_kv_heads, config.head_dim, engine_args.block_size, dtype)
     num_blocks = determine_num_blocks(engine_args, spec, device, max_model_len,

@@ -46,14 +46,25 @@ class LlamaAttention(nn.Module):
             self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
         self.qk_norm = config.qk_norm
         self.scale = self.head_dim ** -0.5
+        self.sizes = [q_size, kv_size, kv_size]
+        self.qkv: tuple[torch.Tensor, torch.Tensor | None] | None = None
+
+    def fuse(self) -> None:
+        """One matmul for q, k and v: their weights move into one tensor and
+        the three Linears keep views of it (same names and values)."""
+        self.qkv = _fuse_linears([self.q_proj, self.k_proj, self.v_proj])
 
     def forward(self, hidden: torch.Tensor, positions: torch.Tensor, rotary: RotaryEmbedding,
                 kv_cache: torch.Tensor, metadata: AttentionMetadata,
                 backend: AttentionBackend) -> torch.Tensor:
         t = hidden.shape[0]
-        q = self.q_proj(hidden).view(t, self.num_heads, self.head_dim)
-        k = self.k_proj(hidden).view(t, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(hidden).view(t, self.num_kv_heads, self.head_dim)
+        if self.qkv is not None:
+            q, k, v = F.linear(hidden, *self.qkv).split(self.sizes, dim=-1)
+        else:
+            q, k, v = self.q_proj(hidden), self.k_proj(hidden), self.v_proj(hidden)
+        q = q.view(t, self.num_heads, self.head_dim)
+        k = k.view(t, self.num_kv_heads, self.head_dim)
+        v = v.view(t, self.num_kv_heads, self.head_dim)
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = rotary(positions, q, k)
@@ -68,9 +79,36 @@ class LlamaMLP(nn.Module):
         self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=config.mlp_bias)
         self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=config.mlp_bias)
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=config.mlp_bias)
+        self.intermediate_size = config.intermediate_size
+        self.gate_up: tuple[torch.Tensor, torch.Tensor | None] | None = None
+
+    def fuse(self) -> None:
+        """One matmul for gate and up (see ``LlamaAttention.fuse``)."""
+        self.gate_up = _fuse_linears([self.gate_proj, self.up_proj])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        if self.gate_up is None:
+            return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = F.linear(x, *self.gate_up).split(self.intermediate_size, dim=-1)
+        return self.down_proj(F.silu(gate).mul_(up))
+
+
+def _fuse_linears(linears: list[nn.Linear]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Concatenate the Linears' weights (and biases) along the output dim and
+    point each Linear's parameters at its slice, so memory is not doubled and
+    later in-place weight updates reach the fused matmul."""
+    with torch.no_grad():
+        weight = torch.cat([m.weight for m in linears])
+        has_bias = linears[0].bias is not None
+        bias = torch.cat([m.bias for m in linears]) if has_bias else None
+        start = 0
+        for m in linears:
+            n = m.weight.shape[0]
+            m.weight = nn.Parameter(weight[start:start + n], requires_grad=False)
+            if bias is not None:
+                m.bias = nn.Parameter(bias[start:start + n], requires_grad=False)
+            start += n
+    return weight, bias
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -117,6 +155,12 @@ class LlamaForCausalLM(nn.Module):
         for layer in self.model.layers:
             hidden = layer(hidden, positions, self.rotary, kv_cache, metadata, backend)
         return self.model.norm(hidden)
+
+    def fuse_projections(self) -> None:
+        """Fuse q/k/v and gate/up into one matmul each; call after loading weights."""
+        for layer in self.model.layers:
+            layer.self_attn.fuse()
+            layer.mlp.fuse()
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden)

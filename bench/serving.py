@@ -30,6 +30,7 @@ import platform
 import statistics
 import sys
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -111,18 +112,25 @@ def _tokens_in(chunk: Any) -> int:
     return len(chunk.choices[0].logprobs.content or ())
 
 
+async def replay_at_arrivals(
+    requests: tuple[ServingRequest, ...], send: Callable[[ServingRequest], Awaitable[Sample]]
+) -> tuple[list[Sample], float]:
+    """Send each request at its arrival offset; return the samples and the wall time."""
+    start = time.perf_counter()
+
+    async def at(request: ServingRequest) -> Sample:
+        await asyncio.sleep(max(0.0, start + request.arrival_s - time.perf_counter()))
+        return await send(request)
+
+    samples = await asyncio.gather(*(at(r) for r in requests))
+    return list(samples), time.perf_counter() - start
+
+
 async def replay(base_url: str, model: str, requests: tuple[ServingRequest, ...]) -> tuple[list[Sample], float]:
     import openai
 
     async with openai.AsyncOpenAI(base_url=base_url, api_key="bench", max_retries=0, timeout=600) as client:
-        start = time.perf_counter()
-
-        async def at(request: ServingRequest) -> Sample:
-            await asyncio.sleep(max(0.0, start + request.arrival_s - time.perf_counter()))
-            return await one_request(client, model, request)
-
-        samples = await asyncio.gather(*(at(r) for r in requests))
-        return list(samples), time.perf_counter() - start
+        return await replay_at_arrivals(requests, lambda request: one_request(client, model, request))
 
 
 def summarize(deployment: str, rate: float, samples: list[Sample], duration: float) -> RateResult:

@@ -25,7 +25,7 @@ from typing import Any
 from bench.peers.vllm_server import VllmServerConfig, VllmServers, free_port
 
 # serving.py's Sample/one_request live beside it (imported by the caller's sys.path).
-from serving import RateResult, Sample, _tokens_in, one_request, summarize  # noqa: E402
+from serving import RateResult, Sample, _tokens_in, one_request, replay_at_arrivals, summarize  # noqa: E402
 
 from workload import ServingRequest, serving_workload  # noqa: E402
 
@@ -73,14 +73,7 @@ async def _replay_with(make_clients: Callable[[], Any], model: str, requests: tu
                        one: Callable[[Any, str, ServingRequest], Awaitable[Sample]]) -> tuple[list[Sample], float]:
     clients = make_clients()
     try:
-        start = time.perf_counter()
-
-        async def at(request: ServingRequest) -> Sample:
-            await asyncio.sleep(max(0.0, start + request.arrival_s - time.perf_counter()))
-            return await one(clients, model, request)
-
-        samples = await asyncio.gather(*(at(r) for r in requests))
-        return list(samples), time.perf_counter() - start
+        return await replay_at_arrivals(requests, lambda request: one(clients, model, request))
     finally:
         for c in clients if isinstance(clients, tuple) else (clients,):
             await c.close()

@@ -75,35 +75,51 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[index]
 
 
-async def one_request(client: Any, model: str, request: ServingRequest) -> Sample:
-    start = time.perf_counter()
+@dataclass(frozen=True)
+class StreamTiming:
+    """When a streamed completion's first token arrived, the gaps between later
+    token-carrying chunks (spread over the tokens each carries), and the
+    completion token count from the usage chunk."""
+
+    first_token_at: float | None
+    itls_s: tuple[float, ...]
+    num_tokens: int
+
+
+async def time_stream(stream: Any) -> StreamTiming:
     first: float | None = None
-    last = start
+    last = 0.0
     itls: list[float] = []
     tokens = 0
+    async for chunk in stream:
+        now = time.perf_counter()
+        if chunk.usage is not None:
+            tokens = chunk.usage.completion_tokens
+        count = _tokens_in(chunk)
+        if not count:
+            continue
+        if first is None:
+            first = now
+        else:
+            itls.extend([(now - last) / count] * count)
+        last = now
+    return StreamTiming(first, tuple(itls), tokens)
+
+
+async def one_request(client: Any, model: str, request: ServingRequest) -> Sample:
+    start = time.perf_counter()
     try:
         stream = await client.chat.completions.create(
             model=model, messages=[{"role": m.role, "content": m.content} for m in request.messages],
             max_tokens=request.max_tokens, temperature=0, stream=True,
             stream_options={"include_usage": True}, extra_body={"ignore_eos": True},
             logprobs=True)  # every token then has a chunk, even when its text is empty
-        async for chunk in stream:
-            now = time.perf_counter()
-            if chunk.usage is not None:
-                tokens = chunk.usage.completion_tokens
-            count = _tokens_in(chunk)
-            if not count:
-                continue
-            if first is None:
-                first = now
-            else:
-                itls.extend([(now - last) / count] * count)
-            last = now
+        timing = await time_stream(stream)
     except Exception as exc:  # a failed request is counted, not fatal to the run
         print(f"  request {request.request_id} failed: {exc}", file=sys.stderr)
         return Sample(0.0, (), 0.0, 0, False)
     end = time.perf_counter()
-    return Sample((first or end) - start, tuple(itls), end - start, tokens, True)
+    return Sample((timing.first_token_at or end) - start, timing.itls_s, end - start, timing.num_tokens, True)
 
 
 def _tokens_in(chunk: Any) -> int:

@@ -25,7 +25,7 @@ from typing import Any
 from bench.peers.vllm_server import VllmServerConfig, VllmServers, free_port
 
 # serving.py's Sample/one_request live beside it (imported by the caller's sys.path).
-from serving import RateResult, Sample, _tokens_in, one_request, replay_at_arrivals, summarize  # noqa: E402
+from serving import RateResult, Sample, one_request, replay_at_arrivals, summarize, time_stream  # noqa: E402
 
 from workload import ServingRequest, serving_workload  # noqa: E402
 
@@ -50,23 +50,11 @@ async def pd_one_request(clients: tuple[Any, Any], model: str, request: ServingR
             model=model, messages=messages, max_tokens=request.max_tokens, temperature=0, stream=True,
             stream_options={"include_usage": True}, logprobs=True,
             extra_body={"kv_transfer_params": params, "ignore_eos": True})
-        itls: list[float] = []
-        last: float | None = None
-        tokens = 0
-        async for chunk in stream:
-            now = time.perf_counter()
-            if chunk.usage is not None:
-                tokens = chunk.usage.completion_tokens
-            count = _tokens_in(chunk)
-            if not count:
-                continue
-            if last is not None:
-                itls.extend([(now - last) / count] * count)
-            last = now
+        timing = await time_stream(stream)
     except Exception as exc:  # counted, not fatal
         print(f"  request {request.request_id} failed: {exc}", file=sys.stderr)
         return Sample(0.0, (), 0.0, 0, False)
-    return Sample(ttft, tuple(itls), time.perf_counter() - start, tokens, True)
+    return Sample(ttft, timing.itls_s, time.perf_counter() - start, timing.num_tokens, True)
 
 
 async def _replay_with(make_clients: Callable[[], Any], model: str, requests: tuple[ServingRequest, ...],

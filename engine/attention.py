@@ -2,7 +2,9 @@
 
 The runner builds one ``AttentionMetadata`` per step (nano-vllm style) and
 passes it down to every layer explicitly; nothing lives in module globals.
-Backends: ``torch`` (CPU, and anywhere as a fallback) and ``triton`` (CUDA;
+Backends: ``cpu`` (the C kernel of ``splitserve.kernels.cpu_attention`` for
+decode rows and short chunks, torch's flash attention for long prefill
+chunks), ``torch`` (pure torch, anywhere; the fallback) and ``triton`` (CUDA;
 ``splitserve.kernels`` kernels, imported lazily).
 """
 from __future__ import annotations
@@ -11,9 +13,13 @@ import logging
 import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
+
+if TYPE_CHECKING:
+    from splitserve.kernels.cpu_attention import CPUPagedAttention
 
 logger = logging.getLogger(__name__)
 
@@ -106,6 +112,32 @@ class TorchAttentionBackend(AttentionBackend):
         return _varlen_attention(query, kv_cache, layer, metadata, scale)
 
 
+class CPUAttentionBackend(TorchAttentionBackend):
+    """The C paged-attention kernel (``splitserve.kernels.cpu_attention``),
+    which reads K/V blocks in place, for every sequence with at most
+    ``max_kernel_rows`` new rows; longer prefill chunks go through the torch
+    path's per-sequence flash attention, which wins once a chunk's rows can
+    share the context reads in a matmul."""
+
+    name = "cpu"
+
+    def __init__(self, kernel: CPUPagedAttention, max_kernel_rows: int = 16) -> None:
+        super().__init__()
+        self.kernel = kernel
+        self.max_kernel_rows = max_kernel_rows
+
+    def forward(self, query: torch.Tensor, kv_cache: torch.Tensor, layer: int,
+                metadata: AttentionMetadata, scale: float) -> torch.Tensor:
+        out = torch.empty(query.shape, dtype=query.dtype)
+        self.kernel.forward(query, kv_cache, layer, metadata.block_tables, metadata.seq_lens,
+                            metadata.query_start_loc, scale, metadata.max_seq_len, out,
+                            max_rows_per_seq=self.max_kernel_rows)
+        if metadata.max_query_len > self.max_kernel_rows:
+            _varlen_attention(query, kv_cache, layer, metadata, scale, out=out,
+                              min_rows=self.max_kernel_rows + 1)
+        return out
+
+
 class TritonAttentionBackend(AttentionBackend):
     """``splitserve.kernels`` Triton kernels (CUDA, or the interpreter in tests)."""
 
@@ -137,10 +169,12 @@ class TritonAttentionBackend(AttentionBackend):
                                      max_seq_len=metadata.max_seq_len)
 
 
-def select_backend(name: str, device: torch.device, head_dim: int, block_size: int) -> AttentionBackend:
+def select_backend(name: str, device: torch.device, head_dim: int, block_size: int,
+                   dtype: torch.dtype = torch.float32) -> AttentionBackend:
     """``auto`` is ``triton`` on CUDA when the kernels support ``head_dim`` and
-    ``block_size``, else ``torch``; an explicit ``triton`` that cannot serve
-    the shapes is an error naming what the kernels support."""
+    ``block_size``, ``cpu`` on the CPU when its kernel builds and takes
+    ``dtype``, else ``torch``; an explicit ``triton`` or ``cpu`` that cannot
+    serve is an error saying why."""
     if name == "auto":
         name = "torch"
         if device.type == "cuda":
@@ -149,14 +183,34 @@ def select_backend(name: str, device: torch.device, head_dim: int, block_size: i
                 name = "triton"
             else:
                 logger.warning("attention backend: torch, since %s", problem)
+        elif device.type == "cpu":
+            kernel = _cpu_kernel(dtype)
+            if kernel is not None:
+                return CPUAttentionBackend(kernel)
     if name == "torch":
         return TorchAttentionBackend()
+    if name == "cpu":
+        if device.type != "cpu":
+            raise ValueError(f"--attention-backend cpu needs --device cpu, got {device.type}")
+        kernel = _cpu_kernel(dtype)
+        if kernel is None:
+            raise ValueError(f"--attention-backend cpu: the C kernel takes float32/bfloat16 and needs a C "
+                             f"compiler (got {dtype}; see the log); use --attention-backend torch")
+        return CPUAttentionBackend(kernel)
     if name == "triton":
         problem = _triton_shape_problem(head_dim, block_size)
         if problem is not None:
             raise ValueError(f"--attention-backend triton: {problem}; use --attention-backend torch")
         return TritonAttentionBackend()
     raise ValueError(f"unknown attention backend {name!r}; choose auto, torch or triton")
+
+
+def _cpu_kernel(dtype: torch.dtype) -> CPUPagedAttention | None:
+    from splitserve.kernels.cpu_attention import SUPPORTED_DTYPES, CPUPagedAttention
+
+    if dtype not in SUPPORTED_DTYPES:
+        return None
+    return CPUPagedAttention.load()
 
 
 def _triton_shape_problem(head_dim: int, block_size: int) -> str | None:
@@ -267,16 +321,20 @@ def _decode_attention(query: torch.Tensor, kv_cache: torch.Tensor, layer: int, b
 
 
 def _varlen_attention(query: torch.Tensor, kv_cache: torch.Tensor, layer: int,
-                      metadata: AttentionMetadata, scale: float) -> torch.Tensor:
+                      metadata: AttentionMetadata, scale: float, out: torch.Tensor | None = None,
+                      min_rows: int = 1) -> torch.Tensor:
+    """Per-sequence SDPA over the gathered context, for the sequences with at
+    least ``min_rows`` new rows (the others' rows of ``out`` are left as is)."""
     h, d = query.shape[1], query.shape[2]
     kvh = kv_cache.shape[4]
-    out = torch.empty_like(query)
+    if out is None:
+        out = torch.empty_like(query)
     starts = metadata.query_start_loc.tolist()
     lens = metadata.seq_lens.tolist()
     for s, seq_len in enumerate(lens):
         q_start, q_end = starts[s], starts[s + 1]
         q_len = q_end - q_start
-        if q_len == 0:
+        if q_len < max(1, min_rows):
             continue
         k, v = _gather_context(kv_cache, layer, metadata.block_tables[s:s + 1], seq_len)
         q = query[q_start:q_end].float().transpose(0, 1).unsqueeze(0)  # [1, H, q, D]

@@ -7,7 +7,7 @@ from typing import Any
 
 _DTYPES = ("auto", "float32", "bfloat16", "float16")
 _DEVICES = ("auto", "cpu", "cuda")
-_ATTENTION_BACKENDS = ("auto", "torch", "triton")
+_ATTENTION_BACKENDS = ("auto", "cpu", "torch", "triton")
 DEFAULT_CPU_KV_CACHE_MEMORY = 1 << 30  # 1 GiB
 
 

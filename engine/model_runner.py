@@ -15,6 +15,7 @@ from splitserve.engine.engine_args import EngineArgs
 from splitserve.engine.kv_cache import KVCacheSpec, allocate_kv_cache, determine_num_blocks
 from splitserve.engine.model_config import ModelConfig, resolve_dtype
 from splitserve.engine.models.llama import LlamaForCausalLM
+from splitserve.engine.projection import can_pack_linears
 from splitserve.engine.sampler import Sampler, build_sampling_metadata
 from splitserve.engine.step_io import ModelRunnerOutput, SchedulerOutput
 from splitserve.engine.tokenizer import eos_token_ids
@@ -84,7 +85,7 @@ class ModelRunner:
         block_tables_d = block_tables.to(dev, non_blocking=True)
         seq_lens_d = torch.tensor(seq_lens, dtype=torch.int32).to(dev, non_blocking=True)
         groups = None
-        if decode_only and dev.type == "cpu":
+        if decode_only and dev.type == "cpu" and self.backend.name == "torch":
             groups = decode_groups(block_tables_d, seq_lens, bs)
         metadata = AttentionMetadata(
             slot_mapping=slot_mapping.to(dev, non_blocking=True),
@@ -156,13 +157,14 @@ def load_model_runner(engine_args: EngineArgs) -> ModelRunner:
     max_model_len = config.resolve_max_model_len(engine_args.max_model_len)
     model = build_model(config, max_model_len, dtype, device)
     load_weights(model, engine_args.model)
-    model.fuse_projections()
+    model.prepare_projections(packed=can_pack_linears(device, dtype), batch_size_hint=engine_args.max_num_seqs)
     model.eval()
     spec = KVCacheSpec(config.num_layers, config.num_kv_heads, config.head_dim, engine_args.block_size, dtype)
     num_blocks = determine_num_blocks(engine_args, spec, device, max_model_len,
                                       _activation_reserve(config, engine_args, dtype))
     kv_cache = allocate_kv_cache(spec, num_blocks, device)
-    backend = select_backend(engine_args.attention_backend, device, config.head_dim, engine_args.block_size)
+    backend = select_backend(engine_args.attention_backend, device, config.head_dim, engine_args.block_size,
+                             dtype)
     eos = eos_token_ids(engine_args.model, _load_tokenizer_or_none(engine_args.model))
     logger.info("model %s (%s, %s, %s attention), max_model_len %d", engine_args.model,
                 config.architecture, str(dtype).removeprefix("torch."), backend.name, max_model_len)

@@ -14,6 +14,7 @@ from torch import nn
 from splitserve.engine.attention import AttentionBackend, AttentionMetadata
 from splitserve.engine.model_config import ModelConfig
 from splitserve.engine.models.rotary import RotaryEmbedding
+from splitserve.engine.projection import Projection
 
 
 class RMSNorm(nn.Module):
@@ -47,19 +48,21 @@ class LlamaAttention(nn.Module):
         self.qk_norm = config.qk_norm
         self.scale = self.head_dim ** -0.5
         self.sizes = [q_size, kv_size, kv_size]
-        self.qkv: tuple[torch.Tensor, torch.Tensor | None] | None = None
+        self.qkv: Projection | None = None
+        self.out: Projection | None = None
 
-    def fuse(self) -> None:
-        """One matmul for q, k and v: their weights move into one tensor and
-        the three Linears keep views of it (same names and values)."""
-        self.qkv = _fuse_linears([self.q_proj, self.k_proj, self.v_proj])
+    def prepare(self, packed: bool, batch_size_hint: int) -> None:
+        """One matmul for q, k and v (see ``Projection``)."""
+        self.qkv = Projection([self.q_proj, self.k_proj, self.v_proj], packed=packed,
+                              batch_size_hint=batch_size_hint)
+        self.out = Projection([self.o_proj], packed=packed, batch_size_hint=batch_size_hint)
 
     def forward(self, hidden: torch.Tensor, positions: torch.Tensor, rotary: RotaryEmbedding,
                 kv_cache: torch.Tensor, metadata: AttentionMetadata,
                 backend: AttentionBackend) -> torch.Tensor:
         t = hidden.shape[0]
         if self.qkv is not None:
-            q, k, v = F.linear(hidden, *self.qkv).split(self.sizes, dim=-1)
+            q, k, v = self.qkv(hidden).split(self.sizes, dim=-1)
         else:
             q, k, v = self.q_proj(hidden), self.k_proj(hidden), self.v_proj(hidden)
         q = q.view(t, self.num_heads, self.head_dim)
@@ -70,7 +73,8 @@ class LlamaAttention(nn.Module):
         q, k = rotary(positions, q, k)
         backend.store_kv(k, v, kv_cache, self.layer, metadata)
         out = backend.forward(q, kv_cache, self.layer, metadata, self.scale)
-        return self.o_proj(out.reshape(t, self.num_heads * self.head_dim))
+        out = out.reshape(t, self.num_heads * self.head_dim)
+        return self.o_proj(out) if self.out is None else self.out(out)
 
 
 class LlamaMLP(nn.Module):
@@ -80,35 +84,19 @@ class LlamaMLP(nn.Module):
         self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=config.mlp_bias)
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=config.mlp_bias)
         self.intermediate_size = config.intermediate_size
-        self.gate_up: tuple[torch.Tensor, torch.Tensor | None] | None = None
+        self.gate_up: Projection | None = None
+        self.down: Projection | None = None
 
-    def fuse(self) -> None:
-        """One matmul for gate and up (see ``LlamaAttention.fuse``)."""
-        self.gate_up = _fuse_linears([self.gate_proj, self.up_proj])
+    def prepare(self, packed: bool, batch_size_hint: int) -> None:
+        """One matmul for gate and up (see ``Projection``)."""
+        self.gate_up = Projection([self.gate_proj, self.up_proj], packed=packed, batch_size_hint=batch_size_hint)
+        self.down = Projection([self.down_proj], packed=packed, batch_size_hint=batch_size_hint)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.gate_up is None:
+        if self.gate_up is None or self.down is None:
             return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
-        gate, up = F.linear(x, *self.gate_up).split(self.intermediate_size, dim=-1)
-        return self.down_proj(F.silu(gate).mul_(up))
-
-
-def _fuse_linears(linears: list[nn.Linear]) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Concatenate the Linears' weights (and biases) along the output dim and
-    point each Linear's parameters at its slice, so memory is not doubled and
-    later in-place weight updates reach the fused matmul."""
-    with torch.no_grad():
-        weight = torch.cat([m.weight for m in linears])
-        has_bias = linears[0].bias is not None
-        bias = torch.cat([m.bias for m in linears]) if has_bias else None
-        start = 0
-        for m in linears:
-            n = m.weight.shape[0]
-            m.weight = nn.Parameter(weight[start:start + n], requires_grad=False)
-            if bias is not None:
-                m.bias = nn.Parameter(bias[start:start + n], requires_grad=False)
-            start += n
-    return weight, bias
+        gate, up = self.gate_up(x).split(self.intermediate_size, dim=-1)
+        return self.down(F.silu(gate).mul_(up))
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -147,6 +135,7 @@ class LlamaForCausalLM(nn.Module):
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.rotary = RotaryEmbedding(config.rope, config.head_dim, max_positions)
+        self.logits: Projection | None = None
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_cache: torch.Tensor,
                 metadata: AttentionMetadata, backend: AttentionBackend) -> torch.Tensor:
@@ -156,11 +145,15 @@ class LlamaForCausalLM(nn.Module):
             hidden = layer(hidden, positions, self.rotary, kv_cache, metadata, backend)
         return self.model.norm(hidden)
 
-    def fuse_projections(self) -> None:
-        """Fuse q/k/v and gate/up into one matmul each; call after loading weights."""
+    def prepare_projections(self, packed: bool, batch_size_hint: int = 64) -> None:
+        """Fuse q/k/v and gate/up into one matmul each and, with ``packed``,
+        reorder every projection's weight for oneDNN (``Projection``); call
+        once, after loading weights."""
         for layer in self.model.layers:
-            layer.self_attn.fuse()
-            layer.mlp.fuse()
+            layer.self_attn.prepare(packed, batch_size_hint)
+            layer.mlp.prepare(packed, batch_size_hint)
+        self.logits = Projection([self.lm_head], packed=packed, batch_size_hint=batch_size_hint,
+                                 keep_dense=self.config.tie_word_embeddings)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden)
+        return self.lm_head(hidden) if self.logits is None else self.logits(hidden)

@@ -14,7 +14,9 @@ from splitserve.engine import LLM, SamplingParams
 FAMILIES = ["llama", "qwen2", "mistral"]
 MAX_TOKENS = 12
 GREEDY = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True)
-BASE_ARGS = dict(device="cpu", block_size=8, max_model_len=128, attention_backend="torch")
+BASE_ARGS = dict(device="cpu", block_size=8, max_model_len=128)
+# ``cpu``: the C kernel for decode rows and short chunks; ``torch``: the pure-torch path.
+BACKENDS = ["cpu", "torch"]
 
 
 def _prompts(seed: int, lengths: tuple[int, ...], prefix: list[int] | None = None) -> list[list[int]]:
@@ -61,10 +63,11 @@ def _assert_matches(family: str, hf_greedy, prompts: list[list[int]], got: list[
         assert tokens == hf_greedy(family, prompt), f"{family} prompt {i} (len {len(prompt)})"
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("family", FAMILIES)
 def test_greedy_equals_transformers_plain_and_with_prefix_hits(tiny_checkpoints: dict, hf_greedy,
-                                                               family: str) -> None:
-    llm = _llm(tiny_checkpoints[family])
+                                                               family: str, backend: str) -> None:
+    llm = _llm(tiny_checkpoints[family], attention_backend=backend)
     prompts = _prompts(0, (1, 7, 19, 42))
     _assert_matches(family, hf_greedy, prompts, _generate(llm, prompts))
     # A shared 37-token prefix (4 full blocks + 5): second run hits the cache.
@@ -79,20 +82,23 @@ def test_greedy_equals_transformers_plain_and_with_prefix_hits(tiny_checkpoints:
     llm.engine_core.check_no_leaks()
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("family", FAMILIES)
 def test_greedy_equals_transformers_with_chunked_prefill(tiny_checkpoints: dict, hf_greedy,
-                                                         family: str) -> None:
-    llm = _llm(tiny_checkpoints[family], max_num_batched_tokens=16)
+                                                         family: str, backend: str) -> None:
+    llm = _llm(tiny_checkpoints[family], max_num_batched_tokens=16, attention_backend=backend)
     prompts = _prompts(3, (50, 5, 33))
     _assert_matches(family, hf_greedy, prompts, _generate(llm, prompts))
     assert llm.engine_core.stats().num_steps > (50 + 5 + 33) // 16
     llm.engine_core.check_no_leaks()
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("family", FAMILIES)
-def test_greedy_equals_transformers_under_preemption(tiny_checkpoints: dict, hf_greedy, family: str) -> None:
+def test_greedy_equals_transformers_under_preemption(tiny_checkpoints: dict, hf_greedy, family: str,
+                                                     backend: str) -> None:
     # Each request needs up to ceil((30 + 12) / 8) = 6 blocks; 4 at once need 24; the pool has 16.
-    llm = _llm(tiny_checkpoints[family], num_gpu_blocks_override=16)
+    llm = _llm(tiny_checkpoints[family], num_gpu_blocks_override=16, attention_backend=backend)
     prompts = _prompts(4, (30, 28, 26, 24))
     _assert_matches(family, hf_greedy, prompts, _generate(llm, prompts))
     assert llm.engine_core.stats().scheduler.num_preemptions > 0

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from splitserve.engine.attention import AttentionMetadata, TorchAttentionBackend, select_backend
+from splitserve.engine.attention import AttentionMetadata, CPUAttentionBackend, TorchAttentionBackend, select_backend
 from splitserve.kernels.paged_attention import paged_attention_reference
 
 BS, LAYERS, KVH, H, D = 8, 2, 2, 4, 16
@@ -43,10 +43,31 @@ def test_torch_backend_matches_reference(q_lens: list[int], seq_lens: list[int])
         torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("q_lens, seq_lens", [
+    ([1, 1, 1], [1, 17, 40]),
+    ([5, 1, 24, 3], [5, 9, 30, 19]),  # the 24-row chunk goes to SDPA, the rest to the kernel
+    ([20, 17, 1], [40, 17, 2]),
+])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_backend_matches_reference(q_lens: list[int], seq_lens: list[int], dtype: torch.dtype) -> None:
+    backend = select_backend("cpu", torch.device("cpu"), D, BS, dtype)
+    assert isinstance(backend, CPUAttentionBackend)
+    query, cache, meta = _case(q_lens, seq_lens, seed=3)
+    query, cache = query.to(dtype), cache.to(dtype)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    for layer in range(LAYERS):
+        expected = paged_attention_reference(query, cache, layer, meta.block_tables, meta.seq_lens,
+                                             meta.query_start_loc, 0.25)
+        torch.testing.assert_close(backend.forward(query, cache, layer, meta, 0.25), expected, atol=tol, rtol=tol)
+
+
 def test_backend_selection() -> None:
     cpu = torch.device("cpu")
-    assert select_backend("auto", cpu, 64, 16).name == "torch"
+    assert select_backend("auto", cpu, 64, 16).name == "cpu"
+    assert select_backend("auto", cpu, 64, 16, torch.float16).name == "torch"  # the C kernel: fp32/bf16
     assert select_backend("torch", cpu, 16, 8).name == "torch"
+    with pytest.raises(ValueError, match="float16"):
+        select_backend("cpu", cpu, 64, 16, torch.float16)
     with pytest.raises(ValueError, match="unknown attention backend"):
         select_backend("flash", cpu, 64, 16)
     with pytest.raises(ValueError, match="head_dim"):

@@ -1,0 +1,155 @@
+"""The CPU paged-attention kernel (``cpu_paged_attention.c``), built on first use.
+
+The torch path gathers every sequence's context into a dense copy per layer
+and step; on a CPU that copy (and its transpose) costs more than the
+attention math. The C kernel reads K/V blocks where they lie in the cache.
+
+``CPUPagedAttention.load()`` compiles the source with the system C compiler
+(``$CC``, else ``cc``) into ``<cache dir>/cpu-kernels/`` keyed by the source,
+the flags and this CPU's feature flags (the build uses ``-march=native``), so
+a shared home directory never hands one machine another's binary. It is
+loaded after torch so that its OpenMP runtime is torch's. ``load`` returns
+None (and says why in the log) when no compiler works; callers then keep the
+torch path.
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("cpu_paged_attention.c")
+CFLAGS = ("-O3", "-march=native", "-ffast-math", "-fopenmp", "-shared", "-fPIC", "-std=c11")
+_DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1}
+_ERRORS = {-1: "bad shape arguments (a context longer than max_seq_len, or a bad layer)",
+           -2: "out of memory", -3: "a block table entry outside the cache"}
+SUPPORTED_DTYPES = tuple(_DTYPE_CODES)
+
+
+class CPUPagedAttention:
+    """ctypes front of the compiled kernel; see ``forward``."""
+
+    def __init__(self, library: ctypes.CDLL) -> None:
+        fn = library.splitserve_paged_attention
+        i64, i32p = ctypes.c_int64, ctypes.POINTER(ctypes.c_int32)
+        fn.argtypes = [
+            ctypes.c_void_p, ctypes.c_int, i64, i64,
+            ctypes.c_void_p,
+            ctypes.c_void_p, ctypes.c_int, i64, i64, i64,
+            i64, i64, i64, i64,
+            i32p, i64,
+            i32p, i32p, i64,
+            i64, i64, ctypes.c_float, ctypes.c_int,
+        ]
+        fn.restype = ctypes.c_int
+        self._fn = fn
+
+    @classmethod
+    def load(cls, cache_dir: Path | None = None) -> CPUPagedAttention | None:
+        """Build (once per source, flags and CPU) and load the kernel; None if it cannot be built."""
+        try:
+            return cls(ctypes.CDLL(str(build_library(cache_dir))))
+        except (OSError, subprocess.CalledProcessError, FileNotFoundError) as exc:
+            detail = getattr(exc, "stderr", None) or exc
+            logger.warning("CPU attention kernel unavailable, using the torch path: %s", detail)
+            return None
+
+    def forward(self, query: torch.Tensor, kv_cache: torch.Tensor, layer: int, block_tables: torch.Tensor,
+                seq_lens: torch.Tensor, query_start_loc: torch.Tensor, scale: float, max_seq_len: int,
+                out: torch.Tensor, max_rows_per_seq: int | None = None) -> torch.Tensor:
+        """Causal paged attention of ``query`` [T, H, D] into ``out`` (contiguous, query's dtype).
+
+        ``block_tables`` [S, W], ``seq_lens`` [S] and ``query_start_loc``
+        [S + 1] are int32 CPU tensors, contiguous; ``max_seq_len`` bounds
+        ``seq_lens``. Sequences with more than ``max_rows_per_seq`` query rows
+        are skipped (their ``out`` rows untouched). Raises ValueError on
+        arguments the kernel cannot take.
+        """
+        if query.dtype not in _DTYPE_CODES or kv_cache.dtype not in _DTYPE_CODES:
+            raise ValueError(f"CPU attention supports {SUPPORTED_DTYPES}, got {query.dtype} / {kv_cache.dtype}")
+        if query.device.type != "cpu" or kv_cache.device.type != "cpu":
+            raise ValueError("CPU attention needs CPU tensors")
+        if query.stride(2) != 1 or not kv_cache.is_contiguous() or not out.is_contiguous():
+            raise ValueError("CPU attention needs head_dim-contiguous query rows and contiguous cache and out")
+        if out.shape != query.shape or out.dtype != query.dtype:
+            raise ValueError("out must match the query's shape and dtype")
+        for name, t in (("block_tables", block_tables), ("seq_lens", seq_lens),
+                        ("query_start_loc", query_start_loc)):
+            if t.dtype != torch.int32 or not t.is_contiguous() or t.device.type != "cpu":
+                raise ValueError(f"{name} must be a contiguous int32 CPU tensor")
+        num_blocks, num_layers, _, block_size, num_kv_heads, head_dim = kv_cache.shape
+        num_seqs = seq_lens.shape[0]
+        if query_start_loc.shape[0] != num_seqs + 1 or block_tables.shape[0] != num_seqs:
+            raise ValueError("block_tables, seq_lens and query_start_loc disagree on the number of sequences")
+        if query.shape[2] != head_dim or query.shape[1] % num_kv_heads:
+            raise ValueError(f"query {tuple(query.shape)} does not fit the cache's {num_kv_heads} KV heads "
+                             f"of size {head_dim}")
+        i32p = ctypes.POINTER(ctypes.c_int32)
+        status = self._fn(
+            query.data_ptr(), _DTYPE_CODES[query.dtype], query.stride(0), query.stride(1),
+            out.data_ptr(),
+            kv_cache.data_ptr(), _DTYPE_CODES[kv_cache.dtype], num_blocks, num_layers, layer,
+            block_size, num_kv_heads, head_dim, query.shape[1],
+            ctypes.cast(block_tables.data_ptr(), i32p), block_tables.shape[1],
+            ctypes.cast(seq_lens.data_ptr(), i32p), ctypes.cast(query_start_loc.data_ptr(), i32p), num_seqs,
+            query.shape[0] if max_rows_per_seq is None else max_rows_per_seq, max(1, max_seq_len),
+            float(scale), torch.get_num_threads(),
+        )
+        if status != 0:
+            raise ValueError(f"CPU attention kernel: {_ERRORS.get(status, status)}")
+        return out
+
+
+def build_library(cache_dir: Path | None = None) -> Path:
+    """Compile ``cpu_paged_attention.c`` unless this source/flags/CPU's build
+    exists; returns the shared library's path. The rename makes concurrent
+    builds (pods starting together) safe."""
+    compiler = os.environ.get("CC") or "cc"
+    if shutil.which(compiler) is None:
+        raise FileNotFoundError(f"no C compiler ({compiler}) on PATH")
+    source = SOURCE.read_bytes()
+    key = hashlib.sha256(b"\0".join([source, " ".join(CFLAGS).encode(), compiler.encode(),
+                                     platform.machine().encode(), _cpu_flags()])).hexdigest()[:16]
+    root = (cache_dir or default_cache_dir()) / "cpu-kernels"
+    target = root / f"cpu_paged_attention-{key}.so"
+    if target.exists():
+        return target
+    root.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=root)
+    os.close(fd)
+    try:
+        subprocess.run([compiler, *CFLAGS, str(SOURCE), "-o", tmp, "-lm"], check=True, capture_output=True,
+                       text=True, timeout=120)
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return target
+
+
+def default_cache_dir() -> Path:
+    """``$SPLITSERVE_CACHE_DIR``, else ``$XDG_CACHE_HOME/splitserve`` or ``~/.cache/splitserve``."""
+    explicit = os.environ.get("SPLITSERVE_CACHE_DIR")
+    if explicit:
+        return Path(explicit)
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "splitserve"
+
+
+def _cpu_flags() -> bytes:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return line.encode()
+    except OSError:
+        pass
+    return platform.processor().encode()

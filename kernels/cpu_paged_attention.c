@@ -1,0 +1,343 @@
+/*
+ * Paged causal attention on the CPU, reading K/V blocks in place.
+ *
+ * Cache layout (DESIGN.md section 3), block-major:
+ *   kv_cache[num_blocks, num_layers, 2, block_size, num_kv_heads, head_dim]
+ * Query rows are the step's flattened batch [num_rows, num_heads, head_dim];
+ * sequence s owns rows query_start_loc[s] .. query_start_loc[s + 1] and has
+ * seq_lens[s] tokens of context after the step, so its row i sits at position
+ * seq_lens[s] - q_len + i and attends to positions 0 .. that position.
+ *
+ * One task is (row, kv head): the head's query group (num_heads / num_kv_heads
+ * heads) shares every K/V row it reads, so GQA costs no extra memory traffic.
+ * Scores, softmax and the weighted V sum are fp32 (like the torch reference);
+ * K/V and the query may be fp32 or bf16. Sequences with more than
+ * max_rows_per_seq rows are skipped (the caller attends those, e.g. with a
+ * flash-attention prefill): their output rows are left untouched.
+ *
+ * Built by splitserve.kernels.cpu_attention with -O3 -march=native
+ * -ffast-math -fopenmp; the OpenMP runtime is the one torch already loaded.
+ */
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <math.h>
+
+enum { DTYPE_F32 = 0, DTYPE_BF16 = 1 };
+
+static inline float bf16_to_f32(uint16_t x) {
+    uint32_t u = ((uint32_t)x) << 16;
+    float f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+
+static inline uint16_t f32_to_bf16(float f) {
+    uint32_t u;
+    memcpy(&u, &f, sizeof u);
+    u += 0x7FFFu + ((u >> 16) & 1u); /* round to nearest even, like torch */
+    return (uint16_t)(u >> 16);
+}
+
+static inline void load_row(const void *base, int64_t index, int dtype, int64_t n, float *dst) {
+    if (dtype == DTYPE_F32) {
+        memcpy(dst, (const float *)base + index, (size_t)n * sizeof(float));
+    } else {
+        const uint16_t *src = (const uint16_t *)base + index;
+#pragma omp simd
+        for (int64_t d = 0; d < n; ++d) dst[d] = bf16_to_f32(src[d]);
+    }
+}
+
+static inline void store_row(void *base, int64_t index, int dtype, int64_t n, const float *src) {
+    if (dtype == DTYPE_F32) {
+        memcpy((float *)base + index, src, (size_t)n * sizeof(float));
+    } else {
+        uint16_t *dst = (uint16_t *)base + index;
+#pragma omp simd
+        for (int64_t d = 0; d < n; ++d) dst[d] = f32_to_bf16(src[d]);
+    }
+}
+
+/* scores[h * stride + t] = q[h] . k_t for the tokens of one block. */
+static inline void block_scores_f32(const float *k, int64_t token_stride, int64_t num_tokens, const float *q,
+                                    int64_t group, int64_t head_dim, float *scores, int64_t stride) {
+    for (int64_t t = 0; t < num_tokens; ++t) {
+        const float *kt = k + t * token_stride;
+        for (int64_t h = 0; h < group; ++h) {
+            const float *qh = q + h * head_dim;
+            float acc = 0.f;
+#pragma omp simd reduction(+ : acc)
+            for (int64_t d = 0; d < head_dim; ++d) acc += qh[d] * kt[d];
+            scores[h * stride + t] = acc;
+        }
+    }
+}
+
+static inline void block_scores_bf16(const uint16_t *k, int64_t token_stride, int64_t num_tokens, const float *q,
+                                     int64_t group, int64_t head_dim, float *scores, int64_t stride) {
+    for (int64_t t = 0; t < num_tokens; ++t) {
+        const uint16_t *kt = k + t * token_stride;
+        for (int64_t h = 0; h < group; ++h) {
+            const float *qh = q + h * head_dim;
+            float acc = 0.f;
+#pragma omp simd reduction(+ : acc)
+            for (int64_t d = 0; d < head_dim; ++d) acc += qh[d] * bf16_to_f32(kt[d]);
+            scores[h * stride + t] = acc;
+        }
+    }
+}
+
+/* acc[h] += p[h * stride + t] * v_t for the tokens of one block. */
+static inline void block_values_f32(const float *v, int64_t token_stride, int64_t num_tokens, const float *p,
+                                    int64_t group, int64_t head_dim, float *acc, int64_t stride) {
+    for (int64_t t = 0; t < num_tokens; ++t) {
+        const float *vt = v + t * token_stride;
+        for (int64_t h = 0; h < group; ++h) {
+            const float w = p[h * stride + t];
+            float *ah = acc + h * head_dim;
+#pragma omp simd
+            for (int64_t d = 0; d < head_dim; ++d) ah[d] += w * vt[d];
+        }
+    }
+}
+
+static inline void block_values_bf16(const uint16_t *v, int64_t token_stride, int64_t num_tokens, const float *p,
+                                     int64_t group, int64_t head_dim, float *acc, int64_t stride) {
+    for (int64_t t = 0; t < num_tokens; ++t) {
+        const uint16_t *vt = v + t * token_stride;
+        for (int64_t h = 0; h < group; ++h) {
+            const float w = p[h * stride + t];
+            float *ah = acc + h * head_dim;
+#pragma omp simd
+            for (int64_t d = 0; d < head_dim; ++d) ah[d] += w * bf16_to_f32(vt[d]);
+        }
+    }
+}
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+
+static inline __attribute__((always_inline)) __m512 load16(const void *base, int64_t index, int bf16) {
+    if (!bf16) return _mm512_loadu_ps((const float *)base + index);
+    const __m256i raw = _mm256_loadu_si256((const __m256i *)((const uint16_t *)base + index));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+}
+
+/*
+ * One (row, kv head) task with head_dim a multiple of 16 (up to 256): the
+ * query head's vector and the output accumulator stay in registers across the
+ * whole context; K/V rows are re-read per head of the group from L1/L2.
+ * Inlined with head_dim and the cache dtype as constants so the chunk loops
+ * unroll.
+ */
+static inline __attribute__((always_inline)) void attend_avx512(
+    const void *kv_cache, const int bf16, const int32_t *table, int64_t context, int64_t block_size,
+    int64_t block_stride, int64_t k_offset, int64_t kv_stride, int64_t token_stride, const float *q,
+    int64_t group, const int64_t head_dim, float *scores, int64_t score_stride, float *acc) {
+    const int64_t num_chunks = head_dim / 16;
+    const int64_t used_blocks = (context + block_size - 1) / block_size;
+    for (int64_t h = 0; h < group; ++h) {
+        __m512 qv[16];
+        for (int64_t c = 0; c < num_chunks; ++c) qv[c] = _mm512_loadu_ps(q + h * head_dim + 16 * c);
+        float *sh = scores + h * score_stride;
+        for (int64_t b = 0; b < used_blocks; ++b) {
+            const int64_t first = b * block_size;
+            const int64_t n = context - first < block_size ? context - first : block_size;
+            const int64_t base = (int64_t)table[b] * block_stride + k_offset;
+            for (int64_t t = 0; t < n; ++t) {
+                const int64_t row = base + t * token_stride;
+                __m512 a = _mm512_mul_ps(qv[0], load16(kv_cache, row, bf16));
+                for (int64_t c = 1; c < num_chunks; ++c) a = _mm512_fmadd_ps(qv[c], load16(kv_cache, row + 16 * c, bf16), a);
+                sh[first + t] = _mm512_reduce_add_ps(a);
+            }
+        }
+    }
+    for (int64_t h = 0; h < group; ++h) {
+        float *sh = scores + h * score_stride;
+        float m = sh[0];
+        for (int64_t t = 1; t < context; ++t) m = sh[t] > m ? sh[t] : m;
+        float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+        for (int64_t t = 0; t < context; ++t) {
+            sh[t] = expf(sh[t] - m);
+            sum += sh[t];
+        }
+        const float inv = 1.f / sum;
+        __m512 av[16];
+        for (int64_t c = 0; c < num_chunks; ++c) av[c] = _mm512_setzero_ps();
+        for (int64_t b = 0; b < used_blocks; ++b) {
+            const int64_t first = b * block_size;
+            const int64_t n = context - first < block_size ? context - first : block_size;
+            const int64_t base = (int64_t)table[b] * block_stride + k_offset + kv_stride;
+            for (int64_t t = 0; t < n; ++t) {
+                const __m512 w = _mm512_set1_ps(sh[first + t]);
+                const int64_t row = base + t * token_stride;
+                for (int64_t c = 0; c < num_chunks; ++c) av[c] = _mm512_fmadd_ps(w, load16(kv_cache, row + 16 * c, bf16), av[c]);
+            }
+        }
+        const __m512 scale = _mm512_set1_ps(inv);
+        for (int64_t c = 0; c < num_chunks; ++c) _mm512_storeu_ps(acc + h * head_dim + 16 * c, _mm512_mul_ps(av[c], scale));
+    }
+}
+
+/* Dispatch on the constants the inlined body specialises for; 0 if not taken. */
+static int attend_fast(const void *kv_cache, int cache_dtype, const int32_t *table, int64_t context,
+                       int64_t block_size, int64_t block_stride, int64_t k_offset, int64_t kv_stride,
+                       int64_t token_stride, const float *q, int64_t group, int64_t head_dim, float *scores,
+                       int64_t score_stride, float *acc) {
+#define ATTEND(BF16, D) attend_avx512(kv_cache, BF16, table, context, block_size, block_stride, k_offset, \
+                                      kv_stride, token_stride, q, group, D, scores, score_stride, acc)
+    const int bf16 = cache_dtype == DTYPE_BF16;
+    switch (head_dim) {
+        case 64: if (bf16) ATTEND(1, 64); else ATTEND(0, 64); return 1;
+        case 128: if (bf16) ATTEND(1, 128); else ATTEND(0, 128); return 1;
+        default:
+            if (head_dim % 16 || head_dim > 256) return 0;
+            if (bf16) ATTEND(1, head_dim); else ATTEND(0, head_dim);
+            return 1;
+    }
+#undef ATTEND
+}
+#else
+static int attend_fast(const void *kv_cache, int cache_dtype, const int32_t *table, int64_t context,
+                       int64_t block_size, int64_t block_stride, int64_t k_offset, int64_t kv_stride,
+                       int64_t token_stride, const float *q, int64_t group, int64_t head_dim, float *scores,
+                       int64_t score_stride, float *acc) {
+    (void)kv_cache; (void)cache_dtype; (void)table; (void)context; (void)block_size; (void)block_stride;
+    (void)k_offset; (void)kv_stride; (void)token_stride; (void)q; (void)group; (void)head_dim; (void)scores;
+    (void)score_stride; (void)acc;
+    return 0;
+}
+#endif
+
+/*
+ * Returns 0, or a negative code: -1 bad shape arguments, -2 out of memory,
+ * -3 a block id outside [0, num_blocks).
+ */
+int splitserve_paged_attention(
+    const void *query, int query_dtype, int64_t query_row_stride, int64_t query_head_stride,
+    void *out,  /* [num_rows, num_heads, head_dim] contiguous, query_dtype */
+    const void *kv_cache, int cache_dtype, int64_t num_blocks, int64_t num_layers, int64_t layer,
+    int64_t block_size, int64_t num_kv_heads, int64_t head_dim, int64_t num_heads,
+    const int32_t *block_tables, int64_t block_table_width,
+    const int32_t *seq_lens, const int32_t *query_start_loc, int64_t num_seqs,
+    int64_t max_rows_per_seq, int64_t max_seq_len, float scale, int num_threads) {
+    if (num_seqs < 0 || num_kv_heads <= 0 || num_heads % num_kv_heads != 0 || head_dim <= 0 || block_size <= 0
+        || layer < 0 || layer >= num_layers)
+        return -1;
+    const int64_t group = num_heads / num_kv_heads;
+    const int64_t num_rows = num_seqs > 0 ? query_start_loc[num_seqs] : 0;
+    if (num_rows == 0) return 0;
+
+    /* One task per (row, kv head) of the sequences this call attends. */
+    int64_t *row_seq = (int64_t *)malloc((size_t)num_rows * sizeof(int64_t));
+    if (row_seq == NULL) return -2;
+    for (int64_t s = 0; s < num_seqs; ++s) {
+        const int64_t q_len = query_start_loc[s + 1] - query_start_loc[s];
+        for (int64_t r = query_start_loc[s]; r < query_start_loc[s + 1]; ++r)
+            row_seq[r] = q_len > max_rows_per_seq ? -1 : s;
+    }
+
+    const int64_t token_stride = num_kv_heads * head_dim;
+    const int64_t kv_stride = block_size * token_stride;       /* K -> V */
+    const int64_t layer_stride = 2 * kv_stride;
+    const int64_t block_stride = num_layers * layer_stride;
+    const int64_t num_tasks = num_rows * num_kv_heads;
+    const int64_t score_stride = max_seq_len;
+    int status = 0;
+
+#pragma omp parallel num_threads(num_threads)
+    {
+        float *scores = (float *)malloc((size_t)(group * score_stride) * sizeof(float));
+        float *q = (float *)malloc((size_t)(group * head_dim) * sizeof(float));
+        float *acc = (float *)malloc((size_t)(group * head_dim) * sizeof(float));
+        if (scores == NULL || q == NULL || acc == NULL) {
+#pragma omp atomic write
+            status = -2;
+        }
+#pragma omp for schedule(dynamic, 4)
+        for (int64_t task = 0; task < num_tasks; ++task) {
+            const int64_t row = task / num_kv_heads, kvh = task % num_kv_heads;
+            const int64_t s = row_seq[row];
+            if (s < 0 || scores == NULL || q == NULL || acc == NULL) continue;
+            const int64_t q_len = query_start_loc[s + 1] - query_start_loc[s];
+            const int64_t context = seq_lens[s] - q_len + (row - query_start_loc[s]) + 1;
+            if (context <= 0 || context > max_seq_len) {
+#pragma omp atomic write
+                status = -1;
+                continue;
+            }
+            for (int64_t h = 0; h < group; ++h) {
+                load_row(query, row * query_row_stride + (kvh * group + h) * query_head_stride, query_dtype,
+                         head_dim, q + h * head_dim);
+                for (int64_t d = 0; d < head_dim; ++d) q[h * head_dim + d] *= scale;
+            }
+            const int32_t *table = block_tables + s * block_table_width;
+            const int64_t used_blocks = (context + block_size - 1) / block_size;
+            int bad_block = 0;
+            for (int64_t b = 0; b < used_blocks; ++b)
+                if (table[b] < 0 || table[b] >= num_blocks) bad_block = 1;
+            if (bad_block) {
+#pragma omp atomic write
+                status = -3;
+                continue;
+            }
+            if (attend_fast(kv_cache, cache_dtype, table, context, block_size, block_stride,
+                            layer * layer_stride + kvh * head_dim, kv_stride, token_stride, q, group, head_dim,
+                            scores, score_stride, acc)) {
+                for (int64_t h = 0; h < group; ++h)
+                    store_row(out, (row * num_heads + kvh * group + h) * head_dim, query_dtype, head_dim,
+                              acc + h * head_dim);
+                continue;
+            }
+            for (int64_t b = 0; b < used_blocks; ++b) {
+                const int64_t block = table[b];
+                const int64_t first = b * block_size;
+                const int64_t n = context - first < block_size ? context - first : block_size;
+                const int64_t k_index = block * block_stride + layer * layer_stride + kvh * head_dim;
+                if (cache_dtype == DTYPE_F32)
+                    block_scores_f32((const float *)kv_cache + k_index, token_stride, n, q, group, head_dim,
+                                     scores + first, score_stride);
+                else
+                    block_scores_bf16((const uint16_t *)kv_cache + k_index, token_stride, n, q, group, head_dim,
+                                      scores + first, score_stride);
+            }
+            for (int64_t h = 0; h < group; ++h) {
+                float *sh = scores + h * score_stride;
+                float m = sh[0];
+                for (int64_t t = 1; t < context; ++t) m = sh[t] > m ? sh[t] : m;
+                float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+                for (int64_t t = 0; t < context; ++t) {
+                    sh[t] = expf(sh[t] - m);
+                    sum += sh[t];
+                }
+                const float inv = 1.f / sum;
+#pragma omp simd
+                for (int64_t t = 0; t < context; ++t) sh[t] *= inv;
+            }
+            memset(acc, 0, (size_t)(group * head_dim) * sizeof(float));
+            for (int64_t b = 0; b < used_blocks; ++b) {
+                const int64_t first = b * block_size;
+                const int64_t n = context - first < block_size ? context - first : block_size;
+                const int64_t v_index = (int64_t)table[b] * block_stride + layer * layer_stride + kv_stride
+                                        + kvh * head_dim;
+                if (cache_dtype == DTYPE_F32)
+                    block_values_f32((const float *)kv_cache + v_index, token_stride, n, scores + first, group,
+                                     head_dim, acc, score_stride);
+                else
+                    block_values_bf16((const uint16_t *)kv_cache + v_index, token_stride, n, scores + first,
+                                      group, head_dim, acc, score_stride);
+            }
+            for (int64_t h = 0; h < group; ++h)
+                store_row(out, (row * num_heads + kvh * group + h) * head_dim, query_dtype, head_dim,
+                          acc + h * head_dim);
+        }
+        free(scores);
+        free(q);
+        free(acc);
+    }
+    free(row_seq);
+    return status;
+}

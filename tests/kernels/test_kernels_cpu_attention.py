@@ -1,0 +1,83 @@
+"""The C paged-attention kernel (splitserve.kernels.cpu_attention) against the torch reference.
+
+Covers the AVX-512 path (head_dim a multiple of 16) and the generic one
+(other head dims), fp32 and bf16 caches, GQA groups, decode rows and prefill
+chunks after a cached prefix, and its refusals.
+"""
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+
+from paged_batch import TOLERANCE, make_batch
+from splitserve.kernels.cpu_attention import CPUPagedAttention, build_library
+from splitserve.kernels.paged_attention import paged_attention_reference
+
+pytestmark = pytest.mark.skipif(shutil.which("cc") is None, reason="needs a C compiler")
+
+
+@pytest.fixture(scope="module")
+def kernel(tmp_path_factory: pytest.TempPathFactory) -> CPUPagedAttention:
+    built = CPUPagedAttention.load(tmp_path_factory.mktemp("kernels"))
+    assert built is not None, "the CPU attention kernel did not build"
+    return built
+
+
+def _run(kernel: CPUPagedAttention, batch, max_rows_per_seq: int | None = None,
+         fill: float = 0.0) -> torch.Tensor:
+    out = torch.full(batch.query.shape, fill, dtype=batch.query.dtype)
+    return kernel.forward(batch.query.cpu(), batch.kv_cache.cpu(), batch.layer, batch.block_tables.cpu(),
+                          batch.seq_lens.cpu(), batch.query_start_loc.cpu(), batch.scale,
+                          int(batch.seq_lens.max()), out, max_rows_per_seq=max_rows_per_seq)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("head_dim", [64, 128, 32, 24])
+@pytest.mark.parametrize("heads", [(8, 2), (4, 4), (6, 1)])
+@pytest.mark.parametrize("block_size", [8, 16])
+def test_matches_reference(kernel, dtype, head_dim, heads, block_size) -> None:
+    num_heads, num_kv_heads = heads
+    # Decode rows at block edges, a prefill from scratch, a chunk after a cached prefix.
+    q_lens, seq_lens = [1, 1, 1, 9, 5], [1, block_size, 3 * block_size + 1, 9, 40]
+    batch = make_batch(q_lens, seq_lens, num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim,
+                       block_size=block_size, dtype=dtype, seed=head_dim + block_size)
+    got = _run(kernel, batch)
+    expected = paged_attention_reference(*(a.cpu() if isinstance(a, torch.Tensor) else a for a in batch.args()))
+    tol = TOLERANCE[dtype]
+    torch.testing.assert_close(got, expected, atol=tol, rtol=tol)
+
+
+def test_long_sequences_are_left_to_the_caller(kernel) -> None:
+    batch = make_batch([1, 20, 1], [30, 20, 7], num_heads=4, num_kv_heads=2, head_dim=64, block_size=16,
+                       dtype=torch.float32)
+    got = _run(kernel, batch, max_rows_per_seq=16, fill=7.0)
+    expected = paged_attention_reference(*(a.cpu() if isinstance(a, torch.Tensor) else a for a in batch.args()))
+    assert torch.all(got[1:21] == 7.0)  # the 20-row chunk: untouched
+    torch.testing.assert_close(got[0], expected[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got[21], expected[21], atol=1e-5, rtol=1e-5)
+
+
+def test_refusals(kernel) -> None:
+    batch = make_batch([1, 1], [5, 20], num_heads=4, num_kv_heads=2, head_dim=64, block_size=16,
+                       dtype=torch.float32)
+    batch.block_tables[1, 1] = 10_000  # a block past the cache
+    with pytest.raises(ValueError, match="block table"):
+        _run(kernel, batch)
+    half = batch.query.half()
+    with pytest.raises(ValueError, match="supports"):
+        kernel.forward(half, batch.kv_cache, 1, batch.block_tables, batch.seq_lens, batch.query_start_loc,
+                       0.1, 20, torch.empty_like(half))
+    with pytest.raises(ValueError, match="int32"):
+        kernel.forward(batch.query, batch.kv_cache, 1, batch.block_tables.long(), batch.seq_lens,
+                       batch.query_start_loc, 0.1, 20, torch.empty_like(batch.query))
+    with pytest.raises(ValueError, match="max_seq_len"):  # a context longer than the bound given
+        kernel.forward(batch.query, batch.kv_cache, 1, batch.block_tables, batch.seq_lens,
+                       batch.query_start_loc, 0.1, 10, torch.empty_like(batch.query))
+
+
+def test_build_is_cached_per_source(tmp_path) -> None:
+    first = build_library(tmp_path)
+    assert first.exists() and build_library(tmp_path) == first
+    assert len(list((tmp_path / "cpu-kernels").iterdir())) == 1  # no temp files left

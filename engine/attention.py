@@ -19,7 +19,9 @@ import torch
 import torch.nn.functional as F
 
 if TYPE_CHECKING:
+    from splitserve.engine.models.rotary import RopeTable
     from splitserve.kernels.cpu_attention import CPUPagedAttention
+    from splitserve.kernels.cpu_layer_ops import CPULayerOps
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +47,9 @@ class AttentionMetadata:
     # Built once per decode-only step by the runner and shared by every layer
     # (None: the backend derives one group): see ``decode_groups``.
     decode_groups: tuple[DecodeGroup, ...] | None = None
+    # CPU: each token row's row in the cache viewed as [num_blocks * num_layers
+    # * 2 * block_size, KVH * D], for layer 0's K (None: use slot_mapping).
+    cache_rows: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -65,6 +70,14 @@ class AttentionBackend(ABC):
     """Writes K/V and computes paged causal attention for one layer at a time."""
 
     name: str
+    # Whether ``rope_store`` is implemented (rotary + store in one pass).
+    can_rope_store: bool = False
+
+    def rope_store(self, qkv: torch.Tensor, rope: RopeTable, num_heads: int, kv_cache: torch.Tensor,
+                   layer: int, metadata: AttentionMetadata) -> torch.Tensor:
+        """Rotate q and k of the fused projection ``qkv`` [T, (H + 2 * KVH) * D],
+        store k and v like ``store_kv``; returns the rotated query [T, H, D]."""
+        raise NotImplementedError(f"the {self.name} attention backend has no rope_store")
 
     @abstractmethod
     def store_kv(self, key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
@@ -90,9 +103,16 @@ class TorchAttentionBackend(AttentionBackend):
 
     def store_kv(self, key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
                  layer: int, metadata: AttentionMetadata) -> None:
-        from splitserve.kernels.store_kv import store_kv_reference
+        if metadata.cache_rows is None:
+            from splitserve.kernels.store_kv import store_kv_reference
 
-        store_kv_reference(key, value, kv_cache, layer, metadata.slot_mapping)
+            store_kv_reference(key, value, kv_cache, layer, metadata.slot_mapping)
+            return
+        num_blocks, num_layers, _, block_size, kvh, d = kv_cache.shape
+        rows = kv_cache.view(num_blocks * num_layers * 2 * block_size, kvh * d)
+        k_rows = metadata.cache_rows + layer * 2 * block_size
+        rows.index_copy_(0, k_rows, key.reshape(-1, kvh * d).to(kv_cache.dtype))
+        rows.index_copy_(0, k_rows + block_size, value.reshape(-1, kvh * d).to(kv_cache.dtype))
 
     def forward(self, query: torch.Tensor, kv_cache: torch.Tensor, layer: int,
                 metadata: AttentionMetadata, scale: float) -> torch.Tensor:
@@ -121,10 +141,20 @@ class CPUAttentionBackend(TorchAttentionBackend):
 
     name = "cpu"
 
-    def __init__(self, kernel: CPUPagedAttention, max_kernel_rows: int = 16) -> None:
+    def __init__(self, kernel: CPUPagedAttention, layer_ops: CPULayerOps | None = None,
+                 max_kernel_rows: int = 16) -> None:
         super().__init__()
         self.kernel = kernel
+        self.layer_ops = layer_ops
+        self.can_rope_store = layer_ops is not None
         self.max_kernel_rows = max_kernel_rows
+
+    def rope_store(self, qkv: torch.Tensor, rope: RopeTable, num_heads: int, kv_cache: torch.Tensor,
+                   layer: int, metadata: AttentionMetadata) -> torch.Tensor:
+        if self.layer_ops is None or metadata.cache_rows is None:
+            raise NotImplementedError("rope_store needs the CPU layer ops and the step's cache rows")
+        return self.layer_ops.rope_store(qkv, num_heads, kv_cache.shape[4], rope.cos_cache, rope.sin_cache,
+                                         rope.positions, kv_cache, metadata.cache_rows, layer)
 
     def forward(self, query: torch.Tensor, kv_cache: torch.Tensor, layer: int,
                 metadata: AttentionMetadata, scale: float) -> torch.Tensor:
@@ -186,7 +216,7 @@ def select_backend(name: str, device: torch.device, head_dim: int, block_size: i
         elif device.type == "cpu":
             kernel = _cpu_kernel(dtype)
             if kernel is not None:
-                return CPUAttentionBackend(kernel)
+                return CPUAttentionBackend(kernel, _cpu_layer_ops())
     if name == "torch":
         return TorchAttentionBackend()
     if name == "cpu":
@@ -196,7 +226,7 @@ def select_backend(name: str, device: torch.device, head_dim: int, block_size: i
         if kernel is None:
             raise ValueError(f"--attention-backend cpu: the C kernel takes float32/bfloat16 and needs a C "
                              f"compiler (got {dtype}; see the log); use --attention-backend torch")
-        return CPUAttentionBackend(kernel)
+        return CPUAttentionBackend(kernel, _cpu_layer_ops())
     if name == "triton":
         problem = _triton_shape_problem(head_dim, block_size)
         if problem is not None:
@@ -211,6 +241,12 @@ def _cpu_kernel(dtype: torch.dtype) -> CPUPagedAttention | None:
     if dtype not in SUPPORTED_DTYPES:
         return None
     return CPUPagedAttention.load()
+
+
+def _cpu_layer_ops() -> CPULayerOps | None:
+    from splitserve.kernels.cpu_layer_ops import CPULayerOps
+
+    return CPULayerOps.load()
 
 
 def _triton_shape_problem(head_dim: int, block_size: int) -> str | None:

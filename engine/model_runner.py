@@ -84,9 +84,12 @@ class ModelRunner:
         decode_only = all(n == 1 for n in counts)
         block_tables_d = block_tables.to(dev, non_blocking=True)
         seq_lens_d = torch.tensor(seq_lens, dtype=torch.int32).to(dev, non_blocking=True)
-        groups = None
+        groups = cache_rows = None
         if decode_only and dev.type == "cpu" and self.backend.name == "torch":
             groups = decode_groups(block_tables_d, seq_lens, bs)
+        if dev.type == "cpu":
+            # No padding slots on this path, so every row is a real cache row.
+            cache_rows = (slot_mapping // bs) * (self.kv_cache.shape[1] * 2 * bs) + slot_mapping % bs
         metadata = AttentionMetadata(
             slot_mapping=slot_mapping.to(dev, non_blocking=True),
             block_tables=block_tables_d,
@@ -96,6 +99,7 @@ class ModelRunner:
             max_seq_len=max(seq_lens),
             decode_only=decode_only,
             decode_groups=groups,
+            cache_rows=cache_rows,
         )
         return StepInputs(
             input_ids=torch.tensor(input_ids, dtype=torch.int64).to(dev, non_blocking=True),

@@ -1,35 +1,25 @@
-"""The CPU paged-attention kernel (``cpu_paged_attention.c``), built on first use.
+"""The CPU paged-attention kernel (``cpu_paged_attention.c``).
 
 The torch path gathers every sequence's context into a dense copy per layer
 and step; on a CPU that copy (and its transpose) costs more than the
 attention math. The C kernel reads K/V blocks where they lie in the cache.
-
-``CPUPagedAttention.load()`` compiles the source with the system C compiler
-(``$CC``, else ``cc``) into ``<cache dir>/cpu-kernels/`` keyed by the source,
-the flags and this CPU's feature flags (the build uses ``-march=native``), so
-a shared home directory never hands one machine another's binary. It is
-loaded after torch so that its OpenMP runtime is torch's. ``load`` returns
-None (and says why in the log) when no compiler works; callers then keep the
-torch path.
+``CPUPagedAttention.load()`` builds it on first use (``cpu_library``) and
+returns None (saying why in the log) when no compiler works; callers then
+keep the torch path.
 """
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import logging
-import os
-import platform
-import shutil
 import subprocess
-import tempfile
 from pathlib import Path
 
 import torch
 
+from splitserve.kernels.cpu_library import build_library
+
 logger = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("cpu_paged_attention.c")
-CFLAGS = ("-O3", "-march=native", "-ffast-math", "-fopenmp", "-shared", "-fPIC", "-std=c11")
 _DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1}
 _ERRORS = {-1: "bad shape arguments (a context longer than max_seq_len, or a bad layer)",
            -2: "out of memory", -3: "a block table entry outside the cache"}
@@ -108,48 +98,3 @@ class CPUPagedAttention:
         if status != 0:
             raise ValueError(f"CPU attention kernel: {_ERRORS.get(status, status)}")
         return out
-
-
-def build_library(cache_dir: Path | None = None) -> Path:
-    """Compile ``cpu_paged_attention.c`` unless this source/flags/CPU's build
-    exists; returns the shared library's path. The rename makes concurrent
-    builds (pods starting together) safe."""
-    compiler = os.environ.get("CC") or "cc"
-    if shutil.which(compiler) is None:
-        raise FileNotFoundError(f"no C compiler ({compiler}) on PATH")
-    source = SOURCE.read_bytes()
-    key = hashlib.sha256(b"\0".join([source, " ".join(CFLAGS).encode(), compiler.encode(),
-                                     platform.machine().encode(), _cpu_flags()])).hexdigest()[:16]
-    root = (cache_dir or default_cache_dir()) / "cpu-kernels"
-    target = root / f"cpu_paged_attention-{key}.so"
-    if target.exists():
-        return target
-    root.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=root)
-    os.close(fd)
-    try:
-        subprocess.run([compiler, *CFLAGS, str(SOURCE), "-o", tmp, "-lm"], check=True, capture_output=True,
-                       text=True, timeout=120)
-        os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return target
-
-
-def default_cache_dir() -> Path:
-    """``$SPLITSERVE_CACHE_DIR``, else ``$XDG_CACHE_HOME/splitserve`` or ``~/.cache/splitserve``."""
-    explicit = os.environ.get("SPLITSERVE_CACHE_DIR")
-    if explicit:
-        return Path(explicit)
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "splitserve"
-
-
-def _cpu_flags() -> bytes:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return line.encode()
-    except OSError:
-        pass
-    return platform.processor().encode()

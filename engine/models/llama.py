@@ -13,7 +13,7 @@ from torch import nn
 
 from splitserve.engine.attention import AttentionBackend, AttentionMetadata
 from splitserve.engine.model_config import ModelConfig
-from splitserve.engine.models.rotary import RotaryEmbedding
+from splitserve.engine.models.rotary import RopeTable, RotaryEmbedding, apply_rotary
 from splitserve.engine.projection import Projection
 
 
@@ -27,6 +27,8 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
+        if dtype == torch.float32:  # torch's fused op, the same math (equal bit for bit in our checks)
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x32.to(dtype)
@@ -57,12 +59,18 @@ class LlamaAttention(nn.Module):
                               batch_size_hint=batch_size_hint)
         self.out = Projection([self.o_proj], packed=packed, batch_size_hint=batch_size_hint)
 
-    def forward(self, hidden: torch.Tensor, positions: torch.Tensor, rotary: RotaryEmbedding,
+    def forward(self, hidden: torch.Tensor, rope: RopeTable,
                 kv_cache: torch.Tensor, metadata: AttentionMetadata,
                 backend: AttentionBackend) -> torch.Tensor:
+        """``rope``: this step's ``RotaryEmbedding.lookup`` table."""
         t = hidden.shape[0]
         if self.qkv is not None:
-            q, k, v = self.qkv(hidden).split(self.sizes, dim=-1)
+            qkv = self.qkv(hidden)
+            if backend.can_rope_store and not self.qk_norm:
+                q = backend.rope_store(qkv, rope, self.num_heads, kv_cache, self.layer, metadata)
+                out = backend.forward(q, kv_cache, self.layer, metadata, self.scale)
+                return self.out(out.reshape(t, self.num_heads * self.head_dim))
+            q, k, v = qkv.split(self.sizes, dim=-1)
         else:
             q, k, v = self.q_proj(hidden), self.k_proj(hidden), self.v_proj(hidden)
         q = q.view(t, self.num_heads, self.head_dim)
@@ -70,7 +78,7 @@ class LlamaAttention(nn.Module):
         v = v.view(t, self.num_kv_heads, self.head_dim)
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = rotary(positions, q, k)
+        q, k = apply_rotary(rope, q, k)
         backend.store_kv(k, v, kv_cache, self.layer, metadata)
         out = backend.forward(q, kv_cache, self.layer, metadata, self.scale)
         out = out.reshape(t, self.num_heads * self.head_dim)
@@ -107,11 +115,10 @@ class LlamaDecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, hidden: torch.Tensor, positions: torch.Tensor, rotary: RotaryEmbedding,
+    def forward(self, hidden: torch.Tensor, rope: RopeTable,
                 kv_cache: torch.Tensor, metadata: AttentionMetadata,
                 backend: AttentionBackend) -> torch.Tensor:
-        hidden = hidden + self.self_attn(self.input_layernorm(hidden), positions, rotary,
-                                         kv_cache, metadata, backend)
+        hidden = hidden + self.self_attn(self.input_layernorm(hidden), rope, kv_cache, metadata, backend)
         return hidden + self.mlp(self.post_attention_layernorm(hidden))
 
 
@@ -141,8 +148,9 @@ class LlamaForCausalLM(nn.Module):
                 metadata: AttentionMetadata, backend: AttentionBackend) -> torch.Tensor:
         """input_ids, positions [T] -> hidden [T, hidden_size]; K/V of all rows stored."""
         hidden = self.model.embed_tokens(input_ids)
+        rope = self.rotary.lookup(positions, hidden.dtype)
         for layer in self.model.layers:
-            hidden = layer(hidden, positions, self.rotary, kv_cache, metadata, backend)
+            hidden = layer(hidden, rope, kv_cache, metadata, backend)
         return self.model.norm(hidden)
 
     def prepare_projections(self, packed: bool, batch_size_hint: int = 64) -> None:

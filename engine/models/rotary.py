@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -44,13 +45,35 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("cos_cache", emb.cos(), persistent=False)
         self.register_buffer("sin_cache", emb.sin(), persistent=False)
 
+    def lookup(self, positions: torch.Tensor, dtype: torch.dtype) -> RopeTable:
+        """The step's rotary inputs: once per step, shared by every layer."""
+        return RopeTable(positions, self.cos_cache[positions].unsqueeze(1).to(dtype),
+                         self.sin_cache[positions].unsqueeze(1).to(dtype), self.cos_cache, self.sin_cache)
+
     def forward(
         self, positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """query [T, H, D], key [T, KVH, D], positions [T] -> rotated (query, key)."""
-        cos = self.cos_cache[positions].unsqueeze(1).to(query.dtype)
-        sin = self.sin_cache[positions].unsqueeze(1).to(query.dtype)
-        return query * cos + _rotate_half(query) * sin, key * cos + _rotate_half(key) * sin
+        return apply_rotary(self.lookup(positions, query.dtype), query, key)
+
+
+@dataclass(frozen=True)
+class RopeTable:
+    """One step's rotary inputs: ``cos``/``sin`` [T, 1, D] of each row's
+    position in the activation dtype, and the fp32 tables they came from
+    (for kernels that rotate and store in one pass)."""
+
+    positions: torch.Tensor  # [T] int64
+    cos: torch.Tensor
+    sin: torch.Tensor
+    cos_cache: torch.Tensor  # [max_positions, D] fp32
+    sin_cache: torch.Tensor
+
+
+def apply_rotary(table: RopeTable, query: torch.Tensor, key: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotate ``query``/``key`` by a ``RotaryEmbedding.lookup`` table (HF's math, op for op)."""
+    cos, sin = table.cos, table.sin
+    return query * cos + _rotate_half(query) * sin, key * cos + _rotate_half(key) * sin
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:

@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from paged_batch import TOLERANCE, make_batch
-from splitserve.kernels.cpu_attention import CPUPagedAttention, build_library
+from splitserve.kernels.cpu_attention import CPUPagedAttention
+from splitserve.kernels.cpu_library import build_library
 from splitserve.kernels.paged_attention import paged_attention_reference
 
 pytestmark = pytest.mark.skipif(shutil.which("cc") is None, reason="needs a C compiler")

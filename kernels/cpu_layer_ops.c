@@ -1,0 +1,94 @@
+/*
+ * Per-layer glue of the CPU decoder as one call: rotary embedding of q and k
+ * straight out of the fused qkv projection, and the K/V store into the paged
+ * cache. In torch that is ~25 small ops per layer, each paying dispatch; here
+ * it is one pass over the rows.
+ *
+ * Built WITHOUT -ffast-math and with -ffp-contract=off: the results must equal
+ * Hugging Face's ops bit for bit (q * cos + rotate_half(q) * sin, each product
+ * and the sum rounded to the activation dtype, cos/sin rounded to it first).
+ */
+#include <stdint.h>
+#include <string.h>
+
+enum { DTYPE_F32 = 0, DTYPE_BF16 = 1 };
+
+static inline float bf16_to_f32(uint16_t x) {
+    uint32_t u = ((uint32_t)x) << 16;
+    float f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+
+static inline uint16_t f32_to_bf16(float f) {
+    uint32_t u;
+    memcpy(&u, &f, sizeof u);
+    if ((u & 0x7F800000u) == 0x7F800000u && (u & 0x007FFFFFu)) return (uint16_t)((u >> 16) | 0x40u); /* NaN */
+    u += 0x7FFFu + ((u >> 16) & 1u);
+    return (uint16_t)(u >> 16);
+}
+
+/* Round to the activation dtype (identity for fp32). */
+static inline float to_dtype(float x, int bf16) { return bf16 ? bf16_to_f32(f32_to_bf16(x)) : x; }
+
+static inline float load(const void *base, int64_t i, int bf16) {
+    return bf16 ? bf16_to_f32(((const uint16_t *)base)[i]) : ((const float *)base)[i];
+}
+
+static inline void store(void *base, int64_t i, int bf16, float x) {
+    if (bf16) ((uint16_t *)base)[i] = f32_to_bf16(x);
+    else ((float *)base)[i] = x;
+}
+
+/* out[0..D) = x * cos + rotate_half(x) * sin, with HF's roundings. */
+static inline void rotate(const void *src, int64_t src_index, void *dst, int64_t dst_index, const float *cos_row,
+                          const float *sin_row, int64_t head_dim, int bf16) {
+    const int64_t half = head_dim / 2;
+    for (int64_t d = 0; d < head_dim; ++d) {
+        const float x = load(src, src_index + d, bf16);
+        const float partner = d < half ? -load(src, src_index + d + half, bf16) : load(src, src_index + d - half, bf16);
+        const float c = to_dtype(cos_row[d], bf16), s = to_dtype(sin_row[d], bf16);
+        const float a = to_dtype(x * c, bf16), b = to_dtype(partner * s, bf16);
+        store(dst, dst_index + d, bf16, a + b);
+    }
+}
+
+/*
+ * qkv: [num_tokens, row_stride] rows of [q (H*D) | k (KVH*D) | v (KVH*D)].
+ * cos_table / sin_table: fp32 [table_rows, D]; positions: [num_tokens].
+ * query_out: [num_tokens, H, D] contiguous. kv_cache viewed as rows of KVH*D:
+ * token t's K goes to row cache_rows[t] + layer * 2 * block_size, its V
+ * block_size rows further. All activations and the cache share one dtype.
+ * Returns 0, -1 on a position outside the table or a row outside the cache.
+ */
+int splitserve_rope_store(const void *qkv, int dtype, int64_t num_tokens, int64_t row_stride, int64_t num_heads,
+                          int64_t num_kv_heads, int64_t head_dim, const float *cos_table, const float *sin_table,
+                          int64_t table_rows, const int64_t *positions, void *query_out, void *kv_cache,
+                          int64_t num_cache_rows, const int64_t *cache_rows, int64_t layer, int64_t block_size,
+                          int num_threads) {
+    const int bf16 = dtype == DTYPE_BF16;
+    const int64_t kv_width = num_kv_heads * head_dim;
+    int status = 0;
+#pragma omp parallel for num_threads(num_threads) schedule(static)
+    for (int64_t t = 0; t < num_tokens; ++t) {
+        const int64_t pos = positions[t];
+        const int64_t k_row = cache_rows[t] + layer * 2 * block_size;
+        if (pos < 0 || pos >= table_rows || k_row < 0 || k_row + block_size >= num_cache_rows) {
+#pragma omp atomic write
+            status = -1;
+            continue;
+        }
+        const float *c = cos_table + pos * head_dim, *s = sin_table + pos * head_dim;
+        const int64_t row = t * row_stride;
+        for (int64_t h = 0; h < num_heads; ++h)
+            rotate(qkv, row + h * head_dim, query_out, (t * num_heads + h) * head_dim, c, s, head_dim, bf16);
+        const int64_t k_src = row + num_heads * head_dim, v_src = k_src + kv_width;
+        for (int64_t h = 0; h < num_kv_heads; ++h)
+            rotate(qkv, k_src + h * head_dim, kv_cache, k_row * kv_width + h * head_dim, c, s, head_dim, bf16);
+        const int64_t v_row = k_row + block_size;
+        const int64_t elem = bf16 ? 2 : 4;
+        memcpy((char *)kv_cache + v_row * kv_width * elem, (const char *)qkv + v_src * elem,
+               (size_t)(kv_width * elem));
+    }
+    return status;
+}

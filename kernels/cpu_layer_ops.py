@@ -1,0 +1,72 @@
+"""ctypes front of ``cpu_layer_ops.c``: rotary + K/V store in one call per layer."""
+from __future__ import annotations
+
+import ctypes
+import logging
+import subprocess
+from pathlib import Path
+
+import torch
+
+from splitserve.kernels.cpu_library import build_library
+
+logger = logging.getLogger(__name__)
+
+_DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1}
+
+
+class CPULayerOps:
+    """The per-layer glue of the CPU decoder; see ``rope_store``."""
+
+    def __init__(self, library: ctypes.CDLL) -> None:
+        fn = library.splitserve_rope_store
+        i64, vp = ctypes.c_int64, ctypes.c_void_p
+        fn.argtypes = [vp, ctypes.c_int, i64, i64, i64, i64, i64, vp, vp, i64, vp, vp, vp, i64, vp, i64, i64,
+                       ctypes.c_int]
+        fn.restype = ctypes.c_int
+        self._rope_store = fn
+
+    @classmethod
+    def load(cls, cache_dir: Path | None = None) -> CPULayerOps | None:
+        """Build (once) and load; None, with the reason logged, if it cannot be built."""
+        try:
+            return cls(ctypes.CDLL(str(build_library(cache_dir))))
+        except (OSError, subprocess.CalledProcessError, FileNotFoundError) as exc:
+            logger.warning("CPU layer ops unavailable, using torch ops: %s", getattr(exc, "stderr", None) or exc)
+            return None
+
+    def rope_store(self, qkv: torch.Tensor, num_heads: int, num_kv_heads: int, cos_cache: torch.Tensor,
+                   sin_cache: torch.Tensor, positions: torch.Tensor, kv_cache: torch.Tensor,
+                   cache_rows: torch.Tensor, layer: int) -> torch.Tensor:
+        """Rotate q and k of ``qkv`` [T, (H + 2 * KVH) * D] (rows of q | k | v,
+        unit stride inside a row) by ``positions`` [T] int64, store k and v at
+        ``cache_rows`` [T] int64 (rows of the cache viewed as [-1, KVH * D],
+        layer 0's K) for ``layer``; returns the rotated query [T, H, D].
+        Equals Hugging Face's rotary ops bit for bit; ``cos_cache``/``sin_cache``
+        are the fp32 [max_positions, D] tables. Raises ValueError on bad input."""
+        head_dim = kv_cache.shape[5]
+        num_tokens = qkv.shape[0]
+        if qkv.dtype not in _DTYPE_CODES or kv_cache.dtype != qkv.dtype:
+            raise ValueError(f"rope_store takes float32/bfloat16 activations and a cache of the same dtype, "
+                             f"got {qkv.dtype} / {kv_cache.dtype}")
+        if qkv.dim() != 2 or qkv.stride(1) != 1 or qkv.shape[1] != (num_heads + 2 * num_kv_heads) * head_dim:
+            raise ValueError(f"qkv must be [T, (H + 2 * KVH) * D] rows, got {tuple(qkv.shape)}")
+        if kv_cache.shape[4] != num_kv_heads or not kv_cache.is_contiguous():
+            raise ValueError("the cache must be contiguous with the model's KV heads")
+        for name, t in (("positions", positions), ("cache_rows", cache_rows)):
+            if t.dtype != torch.int64 or not t.is_contiguous() or t.shape != (num_tokens,):
+                raise ValueError(f"{name} must be a contiguous int64 [T] tensor")
+        for t in (cos_cache, sin_cache):
+            if t.dtype != torch.float32 or not t.is_contiguous() or t.shape[1] != head_dim:
+                raise ValueError("cos/sin tables must be contiguous fp32 [max_positions, head_dim]")
+        query = torch.empty(num_tokens, num_heads, head_dim, dtype=qkv.dtype)
+        num_cache_rows = kv_cache.numel() // (num_kv_heads * head_dim)
+        status = self._rope_store(
+            qkv.data_ptr(), _DTYPE_CODES[qkv.dtype], num_tokens, qkv.stride(0), num_heads, num_kv_heads,
+            head_dim, cos_cache.data_ptr(), sin_cache.data_ptr(), cos_cache.shape[0], positions.data_ptr(),
+            query.data_ptr(), kv_cache.data_ptr(), num_cache_rows, cache_rows.data_ptr(), layer,
+            kv_cache.shape[3], torch.get_num_threads(),
+        )
+        if status != 0:
+            raise ValueError("rope_store: a position outside the rotary table or a row outside the cache")
+        return query

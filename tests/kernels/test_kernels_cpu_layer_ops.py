@@ -1,0 +1,63 @@
+"""``rope_store`` (cpu_layer_ops.c) equals the torch ops it replaces, bit for bit."""
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+
+from splitserve.engine.model_config import RopeConfig
+from splitserve.engine.models.rotary import RotaryEmbedding, apply_rotary
+from splitserve.kernels.cpu_layer_ops import CPULayerOps
+from splitserve.kernels.store_kv import store_kv_reference
+
+pytestmark = pytest.mark.skipif(shutil.which("cc") is None, reason="needs a C compiler")
+
+
+@pytest.fixture(scope="module")
+def ops(tmp_path_factory: pytest.TempPathFactory) -> CPULayerOps:
+    built = CPULayerOps.load(tmp_path_factory.mktemp("kernels"))
+    assert built is not None, "the CPU layer ops did not build"
+    return built
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("heads, head_dim", [((8, 4), 64), ((4, 1), 32), ((6, 2), 24)])
+def test_rope_store_equals_torch(ops, dtype, heads, head_dim) -> None:
+    num_heads, num_kv_heads = heads
+    num_blocks, num_layers, block_size, layer = 12, 3, 8, 2
+    gen = torch.Generator().manual_seed(head_dim)
+    rotary = RotaryEmbedding(RopeConfig(theta=500000.0), head_dim, 256)
+    tokens = 13
+    qkv = (torch.randn(tokens, (num_heads + 2 * num_kv_heads) * head_dim, generator=gen) * 3).to(dtype)
+    positions = torch.randint(0, 256, (tokens,), generator=gen)
+    slots = torch.randperm(num_blocks * block_size, generator=gen)[:tokens]
+    cache = torch.randn(num_blocks, num_layers, 2, block_size, num_kv_heads, head_dim, generator=gen).to(dtype)
+
+    expected_cache = cache.clone()
+    q_size, kv_size = num_heads * head_dim, num_kv_heads * head_dim
+    q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
+    table = rotary.lookup(positions, dtype)
+    q_ref, k_ref = apply_rotary(table, q.view(tokens, num_heads, head_dim), k.view(tokens, num_kv_heads, head_dim))
+    store_kv_reference(k_ref, v.view(tokens, num_kv_heads, head_dim), expected_cache, layer, slots)
+
+    rows = (slots // block_size) * (num_layers * 2 * block_size) + slots % block_size
+    got = ops.rope_store(qkv, num_heads, num_kv_heads, rotary.cos_cache, rotary.sin_cache, positions, cache,
+                         rows, layer)
+    assert torch.equal(got, q_ref)
+    assert torch.equal(cache, expected_cache)
+
+
+def test_rope_store_refuses_bad_input(ops) -> None:
+    rotary = RotaryEmbedding(RopeConfig(theta=10000.0), 16, 32)
+    cache = torch.zeros(2, 1, 2, 4, 1, 16)
+    qkv = torch.zeros(1, 3 * 16)
+    with pytest.raises(ValueError, match="outside"):
+        ops.rope_store(qkv, 1, 1, rotary.cos_cache, rotary.sin_cache, torch.tensor([40]), cache,
+                       torch.tensor([0]), 0)
+    with pytest.raises(ValueError, match="outside"):
+        ops.rope_store(qkv, 1, 1, rotary.cos_cache, rotary.sin_cache, torch.tensor([1]), cache,
+                       torch.tensor([100]), 0)
+    with pytest.raises(ValueError, match="same dtype"):
+        ops.rope_store(qkv, 1, 1, rotary.cos_cache, rotary.sin_cache, torch.tensor([1]), cache.bfloat16(),
+                       torch.tensor([0]), 0)

@@ -92,3 +92,12 @@ def test_triton_backend_matches_torch_under_interpreter() -> None:
     backend.store_kv(key[0], key[1], a, 1, step)
     TorchAttentionBackend().store_kv(key[0], key[1], b, 1, step)
     assert torch.equal(a, b)
+
+
+def test_without_a_compiler_auto_falls_back_to_torch(monkeypatch, tmp_path) -> None:
+    monkeypatch.setenv("CC", "splitserve-no-such-compiler")
+    monkeypatch.setenv("SPLITSERVE_CACHE_DIR", str(tmp_path))  # no build cached there
+    cpu = torch.device("cpu")
+    assert select_backend("auto", cpu, 64, 16).name == "torch"
+    with pytest.raises(ValueError, match="C compiler"):
+        select_backend("cpu", cpu, 64, 16)

@@ -133,11 +133,12 @@ class TorchAttentionBackend(AttentionBackend):
 
 
 class CPUAttentionBackend(TorchAttentionBackend):
-    """The C paged-attention kernel (``splitserve.kernels.cpu_attention``),
-    which reads K/V blocks in place, for every sequence with at most
-    ``max_kernel_rows`` new rows; longer prefill chunks go through the torch
-    path's per-sequence flash attention, which wins once a chunk's rows can
-    share the context reads in a matmul."""
+    """The C paged-attention kernels (``splitserve.kernels.cpu_attention``),
+    which read K/V blocks in place: one row at a time for every sequence with
+    at most ``max_kernel_rows`` new rows, tiles of rows (flash attention) for
+    longer prefill chunks. Where this build cannot tile the shapes (no
+    AVX-512, head_dim not a multiple of 16), long chunks go through the torch
+    path's per-sequence SDPA."""
 
     name = "cpu"
 
@@ -163,8 +164,12 @@ class CPUAttentionBackend(TorchAttentionBackend):
                             metadata.query_start_loc, scale, metadata.max_seq_len, out,
                             max_rows_per_seq=self.max_kernel_rows)
         if metadata.max_query_len > self.max_kernel_rows:
-            _varlen_attention(query, kv_cache, layer, metadata, scale, out=out,
-                              min_rows=self.max_kernel_rows + 1)
+            if self.kernel.can_tile(kv_cache.shape[5], kv_cache.shape[3]):
+                self.kernel.forward_tiled(query, kv_cache, layer, metadata.block_tables, metadata.seq_lens,
+                                          metadata.query_start_loc, scale, out, min_rows=self.max_kernel_rows + 1)
+            else:
+                _varlen_attention(query, kv_cache, layer, metadata, scale, out=out,
+                                  min_rows=self.max_kernel_rows + 1)
         return out
 
 

@@ -341,3 +341,250 @@ int splitserve_paged_attention(
     free(row_seq);
     return status;
 }
+
+/*
+ * Prefill chunks: flash attention over (tile of TILE_ROWS query rows) x (chunk
+ * of up to 16 keys). Each K chunk is transposed once into [head_dim][16] fp32
+ * and each V chunk widened once into [16][head_dim], then reused by every row
+ * and head of the group, so the scores of 16 keys are head_dim broadcast FMAs
+ * (no horizontal sums) and the softmax is online (running max and sum per
+ * row). Sequences with fewer than min_rows rows are skipped (their out rows
+ * untouched). Same return codes as splitserve_paged_attention, plus -4 when
+ * this build cannot tile (see splitserve_can_tile).
+ */
+enum { TILE_ROWS = 64, KEY_CHUNK = 16 };
+
+int splitserve_can_tile(int64_t head_dim, int64_t block_size) {
+#if defined(__AVX512F__)
+    return head_dim % 16 == 0 && head_dim <= 256 && block_size > 0
+           && (block_size <= KEY_CHUNK ? KEY_CHUNK % block_size == 0 : block_size % KEY_CHUNK == 0);
+#else
+    (void)head_dim; (void)block_size;
+    return 0;
+#endif
+}
+
+#if defined(__AVX512F__)
+static inline __m512 exp16(__m512 x) {
+    float tmp[16];
+    _mm512_storeu_ps(tmp, x);
+#pragma omp simd
+    for (int i = 0; i < 16; ++i) tmp[i] = expf(tmp[i]);
+    return _mm512_loadu_ps(tmp);
+}
+
+static inline __attribute__((always_inline)) void attend_tile(
+    const void *query, int query_dtype, int64_t query_row_stride, int64_t query_head_stride, void *out,
+    const void *kv_cache, const int bf16, const int32_t *table, int64_t seq_len, int64_t q_len,
+    int64_t first_row /* of the sequence */, int64_t tile_start /* within the sequence */, int64_t tile_rows,
+    int64_t block_size, int64_t block_stride, int64_t k_offset, int64_t kv_stride, int64_t token_stride,
+    int64_t kvh, int64_t group, int64_t num_heads, const int64_t head_dim, float scale, float *qbuf,
+    float *acc, float *kt, float *vb, float *sc) {
+    const int64_t num_chunks = head_dim / 16;
+    const int64_t num_vecs = tile_rows * group;
+    float m[TILE_ROWS * 16], l[TILE_ROWS * 16]; /* group <= 16 */
+    for (int64_t r = 0; r < tile_rows; ++r)
+        for (int64_t h = 0; h < group; ++h) {
+            const int64_t row = first_row + tile_start + r, i = r * group + h;
+            load_row(query, row * query_row_stride + (kvh * group + h) * query_head_stride, query_dtype, head_dim,
+                     qbuf + i * head_dim);
+            for (int64_t d = 0; d < head_dim; ++d) qbuf[i * head_dim + d] *= scale;
+            m[i] = -1e30f;
+            l[i] = 0.f;
+            memset(acc + i * head_dim, 0, (size_t)head_dim * sizeof(float));
+        }
+    const int64_t first_pos = seq_len - q_len + tile_start;        /* position of the tile's first row */
+    const int64_t context = first_pos + tile_rows;                 /* keys the last row sees */
+    const int64_t chunk = block_size < KEY_CHUNK ? block_size : KEY_CHUNK;
+    for (int64_t key0 = 0; key0 < context; key0 += chunk) {
+        const int64_t n = context - key0 < chunk ? context - key0 : chunk;
+        const int64_t block = table[key0 / block_size], offset = key0 % block_size;
+        const int64_t base = block * block_stride + k_offset + offset * token_stride;
+        for (int64_t t = 0; t < KEY_CHUNK; ++t)
+            for (int64_t c = 0; c < num_chunks; ++c) {
+                __m512 kv = t < n ? load16(kv_cache, base + t * token_stride + 16 * c, bf16) : _mm512_setzero_ps();
+                float tmp[16];
+                _mm512_storeu_ps(tmp, kv);
+                for (int64_t j = 0; j < 16; ++j) kt[(16 * c + j) * KEY_CHUNK + t] = tmp[j];
+                __m512 vv = t < n ? load16(kv_cache, base + kv_stride + t * token_stride + 16 * c, bf16)
+                                  : _mm512_setzero_ps();
+                _mm512_storeu_ps(vb + t * head_dim + 16 * c, vv);
+            }
+        /* Rows before the chunk's first key see none of it; the others' scores
+         * are computed eight query vectors at a time (independent FMA chains). */
+        const int64_t first_vec = (key0 > first_pos ? key0 - first_pos : 0) * group;
+        int64_t i = first_vec;
+        for (; i + 8 <= num_vecs; i += 8) {
+            __m512 s0 = _mm512_setzero_ps(), s1 = s0, s2 = s0, s3 = s0, s4 = s0, s5 = s0, s6 = s0, s7 = s0;
+            const float *q0 = qbuf + i * head_dim;
+            for (int64_t d = 0; d < head_dim; ++d) {
+                const __m512 kd = _mm512_loadu_ps(kt + d * KEY_CHUNK);
+                s0 = _mm512_fmadd_ps(_mm512_set1_ps(q0[d]), kd, s0);
+                s1 = _mm512_fmadd_ps(_mm512_set1_ps(q0[head_dim + d]), kd, s1);
+                s2 = _mm512_fmadd_ps(_mm512_set1_ps(q0[2 * head_dim + d]), kd, s2);
+                s3 = _mm512_fmadd_ps(_mm512_set1_ps(q0[3 * head_dim + d]), kd, s3);
+                s4 = _mm512_fmadd_ps(_mm512_set1_ps(q0[4 * head_dim + d]), kd, s4);
+                s5 = _mm512_fmadd_ps(_mm512_set1_ps(q0[5 * head_dim + d]), kd, s5);
+                s6 = _mm512_fmadd_ps(_mm512_set1_ps(q0[6 * head_dim + d]), kd, s6);
+                s7 = _mm512_fmadd_ps(_mm512_set1_ps(q0[7 * head_dim + d]), kd, s7);
+            }
+            _mm512_storeu_ps(sc + (i + 0) * 16, s0);
+            _mm512_storeu_ps(sc + (i + 1) * 16, s1);
+            _mm512_storeu_ps(sc + (i + 2) * 16, s2);
+            _mm512_storeu_ps(sc + (i + 3) * 16, s3);
+            _mm512_storeu_ps(sc + (i + 4) * 16, s4);
+            _mm512_storeu_ps(sc + (i + 5) * 16, s5);
+            _mm512_storeu_ps(sc + (i + 6) * 16, s6);
+            _mm512_storeu_ps(sc + (i + 7) * 16, s7);
+        }
+        for (; i < num_vecs; ++i) {
+            const float *qi = qbuf + i * head_dim;
+            __m512 s0 = _mm512_setzero_ps(), s1 = s0;
+            int64_t d = 0;
+            for (; d + 2 <= head_dim; d += 2) {
+                s0 = _mm512_fmadd_ps(_mm512_set1_ps(qi[d]), _mm512_loadu_ps(kt + d * KEY_CHUNK), s0);
+                s1 = _mm512_fmadd_ps(_mm512_set1_ps(qi[d + 1]), _mm512_loadu_ps(kt + (d + 1) * KEY_CHUNK), s1);
+            }
+            _mm512_storeu_ps(sc + i * 16, _mm512_add_ps(s0, s1));
+        }
+        for (i = first_vec; i < num_vecs; ++i) {
+            const int64_t pos = first_pos + i / group;
+            const int64_t visible = pos - key0 + 1 < n ? pos - key0 + 1 : n;
+            const __mmask16 live = (__mmask16)((1u << visible) - 1u);
+            __m512 s = _mm512_mask_blend_ps(live, _mm512_set1_ps(-1e30f), _mm512_loadu_ps(sc + i * 16));
+            const float m_new = fmaxf(m[i], _mm512_reduce_max_ps(s));
+            const float alpha = expf(m[i] - m_new);
+            __m512 p = exp16(_mm512_sub_ps(s, _mm512_set1_ps(m_new)));
+            p = _mm512_maskz_mov_ps(live, p);
+            l[i] = l[i] * alpha + _mm512_reduce_add_ps(p);
+            m[i] = m_new;
+            float pt[16];
+            _mm512_storeu_ps(pt, p);
+            __m512 av[16], bv[16];
+            const __m512 a = _mm512_set1_ps(alpha);
+            for (int64_t c = 0; c < num_chunks; ++c) {
+                av[c] = _mm512_mul_ps(_mm512_loadu_ps(acc + i * head_dim + 16 * c), a);
+                bv[c] = _mm512_setzero_ps();
+            }
+            int64_t t = 0;
+            for (; t + 2 <= visible; t += 2) {
+                const __m512 w0 = _mm512_set1_ps(pt[t]), w1 = _mm512_set1_ps(pt[t + 1]);
+                for (int64_t c = 0; c < num_chunks; ++c) {
+                    av[c] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(vb + t * head_dim + 16 * c), av[c]);
+                    bv[c] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(vb + (t + 1) * head_dim + 16 * c), bv[c]);
+                }
+            }
+            if (t < visible) {
+                const __m512 w0 = _mm512_set1_ps(pt[t]);
+                for (int64_t c = 0; c < num_chunks; ++c)
+                    av[c] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(vb + t * head_dim + 16 * c), av[c]);
+            }
+            for (int64_t c = 0; c < num_chunks; ++c)
+                _mm512_storeu_ps(acc + i * head_dim + 16 * c, _mm512_add_ps(av[c], bv[c]));
+        }
+    }
+    for (int64_t i = 0; i < num_vecs; ++i) {
+        const float inv = 1.f / l[i];
+        for (int64_t d = 0; d < head_dim; ++d) acc[i * head_dim + d] *= inv;
+        const int64_t r = i / group, h = i % group;
+        store_row(out, ((first_row + tile_start + r) * num_heads + kvh * group + h) * head_dim, query_dtype,
+                  head_dim, acc + i * head_dim);
+    }
+}
+#endif
+
+int splitserve_paged_attention_tiled(
+    const void *query, int query_dtype, int64_t query_row_stride, int64_t query_head_stride, void *out,
+    const void *kv_cache, int cache_dtype, int64_t num_blocks, int64_t num_layers, int64_t layer,
+    int64_t block_size, int64_t num_kv_heads, int64_t head_dim, int64_t num_heads,
+    const int32_t *block_tables, int64_t block_table_width,
+    const int32_t *seq_lens, const int32_t *query_start_loc, int64_t num_seqs,
+    int64_t min_rows, float scale, int num_threads) {
+    if (!splitserve_can_tile(head_dim, block_size)) return -4;
+#if defined(__AVX512F__)
+    if (num_seqs < 0 || num_kv_heads <= 0 || num_heads % num_kv_heads != 0 || layer < 0 || layer >= num_layers)
+        return -1;
+    const int64_t group = num_heads / num_kv_heads;
+    if (group > 16) return -1;
+    /* Tasks: (sequence, kv head, tile of rows), listed up front. */
+    int64_t num_tasks = 0;
+    for (int64_t s = 0; s < num_seqs; ++s) {
+        const int64_t q_len = query_start_loc[s + 1] - query_start_loc[s];
+        if (q_len >= min_rows && q_len > 0) num_tasks += num_kv_heads * ((q_len + TILE_ROWS - 1) / TILE_ROWS);
+    }
+    if (num_tasks == 0) return 0;
+    int64_t *tasks = (int64_t *)malloc((size_t)num_tasks * 3 * sizeof(int64_t));
+    if (tasks == NULL) return -2;
+    int64_t k = 0;
+    for (int64_t s = 0; s < num_seqs; ++s) {
+        const int64_t q_len = query_start_loc[s + 1] - query_start_loc[s];
+        if (q_len < min_rows || q_len == 0) continue;
+        for (int64_t tile = 0; tile < q_len; tile += TILE_ROWS)
+            for (int64_t h = 0; h < num_kv_heads; ++h) {
+                tasks[3 * k] = s;
+                tasks[3 * k + 1] = h;
+                tasks[3 * k + 2] = tile;
+                ++k;
+            }
+    }
+    const int64_t token_stride = num_kv_heads * head_dim;
+    const int64_t kv_stride = block_size * token_stride;
+    const int64_t layer_stride = 2 * kv_stride;
+    const int64_t block_stride = num_layers * layer_stride;
+    const int bf16 = cache_dtype == DTYPE_BF16;
+    int status = 0;
+#pragma omp parallel num_threads(num_threads)
+    {
+        float *qbuf = (float *)malloc((size_t)(TILE_ROWS * group * head_dim) * sizeof(float));
+        float *acc = (float *)malloc((size_t)(TILE_ROWS * group * head_dim) * sizeof(float));
+        float *kt = (float *)malloc((size_t)(KEY_CHUNK * head_dim) * sizeof(float));
+        float *vb = (float *)malloc((size_t)(KEY_CHUNK * head_dim) * sizeof(float));
+        float *sc = (float *)malloc((size_t)(TILE_ROWS * group * 16) * sizeof(float));
+        const int ok = qbuf != NULL && acc != NULL && kt != NULL && vb != NULL && sc != NULL;
+        if (!ok) {
+#pragma omp atomic write
+            status = -2;
+        }
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t task = 0; task < num_tasks; ++task) {
+            if (!ok) continue;
+            const int64_t s = tasks[3 * task], kvh = tasks[3 * task + 1], tile = tasks[3 * task + 2];
+            const int64_t q_len = query_start_loc[s + 1] - query_start_loc[s];
+            const int64_t seq_len = seq_lens[s];
+            const int64_t rows = q_len - tile < TILE_ROWS ? q_len - tile : TILE_ROWS;
+            if (seq_len < q_len || (seq_len + block_size - 1) / block_size > block_table_width) {
+#pragma omp atomic write
+                status = -1;
+                continue;
+            }
+            const int32_t *table = block_tables + s * block_table_width;
+            const int64_t used_blocks = (seq_len - q_len + tile + rows + block_size - 1) / block_size;
+            int bad_block = 0;
+            for (int64_t b = 0; b < used_blocks; ++b)
+                if (table[b] < 0 || table[b] >= num_blocks) bad_block = 1;
+            if (bad_block) {
+#pragma omp atomic write
+                status = -3;
+                continue;
+            }
+#define TILE(BF16, D) attend_tile(query, query_dtype, query_row_stride, query_head_stride, out, kv_cache, BF16, \
+                                  table, seq_len, q_len, query_start_loc[s], tile, rows, block_size, block_stride, \
+                                  layer * layer_stride + kvh * head_dim, kv_stride, token_stride, kvh, group, \
+                                  num_heads, D, scale, qbuf, acc, kt, vb, sc)
+            if (head_dim == 64) { if (bf16) TILE(1, 64); else TILE(0, 64); }
+            else if (head_dim == 128) { if (bf16) TILE(1, 128); else TILE(0, 128); }
+            else { if (bf16) TILE(1, head_dim); else TILE(0, head_dim); }
+#undef TILE
+        }
+        free(qbuf);
+        free(acc);
+        free(kt);
+        free(vb);
+        free(sc);
+    }
+    free(tasks);
+    return status;
+#else
+    return -4;
+#endif
+}

@@ -82,3 +82,33 @@ def test_build_is_cached_per_source(tmp_path) -> None:
     first = build_library(tmp_path)
     assert first.exists() and build_library(tmp_path) == first
     assert len(list((tmp_path / "cpu-kernels").iterdir())) == 1  # no temp files left
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("head_dim", [64, 128, 32])
+@pytest.mark.parametrize("heads", [(8, 2), (4, 4), (6, 1)])
+@pytest.mark.parametrize("block_size", [8, 16, 32])
+def test_tiled_matches_reference(kernel, dtype, head_dim, heads, block_size) -> None:
+    if not kernel.can_tile(head_dim, block_size):
+        pytest.skip("this build cannot tile (no AVX-512)")
+    num_heads, num_kv_heads = heads
+    # Prefill from scratch (more than one 64-row tile), a chunk after a cached
+    # prefix that starts mid-block, a short chunk, and a decode row left alone.
+    q_lens, seq_lens = [70, 21, 5, 1], [70, 3 * block_size + 30, 5, 9]
+    batch = make_batch(q_lens, seq_lens, num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim,
+                       block_size=block_size, dtype=dtype, seed=head_dim * block_size)
+    out = torch.full(batch.query.shape, 7.0, dtype=dtype)
+    got = kernel.forward_tiled(batch.query, batch.kv_cache, batch.layer, batch.block_tables, batch.seq_lens,
+                               batch.query_start_loc, batch.scale, out, min_rows=2)
+    expected = paged_attention_reference(*batch.args())
+    tol = TOLERANCE[dtype]
+    torch.testing.assert_close(got[:-1], expected[:-1], atol=tol, rtol=tol)
+    assert torch.all(got[-1] == 7.0)  # one row: below min_rows, untouched
+
+
+def test_tiled_refuses_shapes_it_cannot_take(kernel) -> None:
+    batch = make_batch([20], [20], num_heads=4, num_kv_heads=2, head_dim=24, block_size=16, dtype=torch.float32)
+    assert not kernel.can_tile(24, 16)
+    with pytest.raises(ValueError, match="cannot tile"):
+        kernel.forward_tiled(batch.query, batch.kv_cache, batch.layer, batch.block_tables, batch.seq_lens,
+                             batch.query_start_loc, batch.scale, torch.empty_like(batch.query))

@@ -47,6 +47,7 @@ def test_torch_backend_matches_reference(q_lens: list[int], seq_lens: list[int])
     ([1, 1, 1], [1, 17, 40]),
     ([5, 1, 24, 3], [5, 9, 30, 19]),  # the 24-row chunk goes to SDPA, the rest to the kernel
     ([20, 17, 1], [40, 17, 2]),
+    ([40, 1], [90, 3]),  # head_dim 16: the tiled path (or SDPA where the build cannot tile)
 ])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_cpu_backend_matches_reference(q_lens: list[int], seq_lens: list[int], dtype: torch.dtype) -> None:

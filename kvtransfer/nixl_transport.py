@@ -5,6 +5,15 @@ is created (shared memory / CMA on one host, TCP, RDMA), so ``ucx_tls`` is
 applied to this process's environment before the agent exists. The NIXL
 listener thread is off unless ``listen_port`` is given: metadata normally
 travels over our own gRPC handshake.
+
+NIXL's UCX progress thread is off unless ``progress_thread``: in NIXL 1.5 it
+spins a full core per agent even when idle (measured: two idle pods kept both
+cores of a 2-core machine busy, tripling a decode step's time). Without it, the
+reader progresses its worker each time it polls a READ, and the target each
+time it polls notifications (the prefill pod's lease keeper, every few ms
+while leases exist), which one-sided transports (shared memory/CMA, RDMA) do
+not even need; TCP emulates READ with messages the target must progress, so a
+deployment moving KV over TCP may want the thread back.
 """
 from __future__ import annotations
 
@@ -45,6 +54,7 @@ class NixlTransport(BaseTransport):
         ucx_tls: str | None = None,
         listen_port: int | None = None,
         num_threads: int = 0,
+        progress_thread: bool = False,
         default_timeout_s: float = 30.0,
         clock: Clock = time.monotonic,
     ) -> None:
@@ -59,6 +69,7 @@ class NixlTransport(BaseTransport):
         except ImportError as exc:
             raise KVTransferError(f"NIXL is not installed ({exc}); pip install nixl") from None
         config = nixl_agent_config(
+            enable_prog_thread=progress_thread,
             backends=["UCX"],
             enable_listen_thread=listen_port is not None,
             num_threads=num_threads,

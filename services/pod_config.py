@@ -24,6 +24,7 @@ class PodConfig:
     kv_claim_timeout_s: float = 60.0
     kv_transfer_timeout_s: float = 30.0
     ucx_tls: str | None = None
+    nixl_progress_thread: bool = False
     shutdown_grace_seconds: float = 30.0
 
     def __post_init__(self) -> None:

@@ -84,7 +84,8 @@ class PodServer:
             transport = NixlTransport(
                 self.config.transfer_agent_name, kv_cache,
                 model_fingerprint=model_fingerprint(self.engine_args.model, dtype),
-                ucx_tls=self.config.ucx_tls, default_timeout_s=self.config.kv_transfer_timeout_s)
+                ucx_tls=self.config.ucx_tls, default_timeout_s=self.config.kv_transfer_timeout_s,
+                progress_thread=self.config.nixl_progress_thread)
         if self.config.role is Role.DECODE:
             from splitserve.decode.peer_client import GrpcPeerClient
 

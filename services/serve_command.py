@@ -26,6 +26,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--kv-transfer-timeout", type=float, default=d.kv_transfer_timeout_s,
                    help="decode: READ timeout before recomputing the prompt (< --kv-claim-timeout)")
     p.add_argument("--ucx-tls", default=None, help="UCX_TLS for this pod's NIXL agent, e.g. tcp")
+    p.add_argument("--nixl-progress-thread", action="store_true",
+                   help="run NIXL's UCX progress thread (busy: one core per pod; helps KV over TCP)")
     p.add_argument("--shutdown-grace-seconds", type=float, default=d.shutdown_grace_seconds,
                    help="on SIGTERM, let running requests finish this long before aborting them")
     EngineArgs.add_cli_args(p)
@@ -41,6 +43,7 @@ def _run(args: argparse.Namespace) -> int:
             advertise_address=args.advertise_address, agent_name=args.agent_name,
             kv_lease_seconds=args.kv_lease_seconds, kv_claim_timeout_s=args.kv_claim_timeout,
             kv_transfer_timeout_s=args.kv_transfer_timeout, ucx_tls=args.ucx_tls,
+            nixl_progress_thread=args.nixl_progress_thread,
             shutdown_grace_seconds=args.shutdown_grace_seconds)
         engine_args = EngineArgs.from_cli_args(args)
     except ValueError as exc:

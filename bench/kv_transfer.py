@@ -200,6 +200,7 @@ def run_peer(args: argparse.Namespace) -> None:
     """Ours (NixlTransport, same bytes) then vLLM's 1P1D pair; one table + JSON."""
     from bench.bench_models import LLAMA_56M, ensure_bench_model
     from bench.peers.kv_peer import PROMPT_LENGTHS, format_rows, measure_vllm_handoffs
+    from bench.peers.kv_pods import format_per_request, measure_pod_handoffs
 
     started = time.monotonic()
     name = "llama-56m-fp32"
@@ -209,15 +210,24 @@ def run_peer(args: argparse.Namespace) -> None:
     ours = bench_memcpy(name, layout, dst, sizes, True) + bench_nixl(name, layout, dst, "nixl-shm", args.shm_tls,
                                                                      sizes, True)
     del dst
+    repeats = 1 if args.quick else 3
+    print("[peer] splitserve 1 prefill + 1 decode pod starting ...", flush=True)
+    pod_rows, pod_startup = measure_pod_handoffs(ensure_bench_model("float32"), PROMPT_LENGTHS,
+                                                 LLAMA_56M.vocab_size, repeats=repeats)
     print("[peer] vLLM 1P1D pair (NixlConnector, cores 0 + 1) starting (50-90 s) ...", flush=True)
     vllm_rows, startup = measure_vllm_handoffs(ensure_bench_model("float32"), PROMPT_LENGTHS,
-                                               LLAMA_56M.vocab_size, repeats=1 if args.quick else 3)
+                                               LLAMA_56M.vocab_size, repeats=repeats)
     nixl = [r for r in ours if r["mode"] == "nixl-shm"]
     print(format_rows(vllm_rows, nixl))
     print("vLLM: xfer = delta of vllm:nixl_xfer_time_seconds_sum on the decode server's /metrics, MiB = delta "
           "of vllm:nixl_bytes_transferred_sum; dec = decode request (max_tokens=1) wall; local = same prompt "
           "again on decode without kv params (prefix cache holds only full 128-token blocks: mostly recompute).  ours: NixlTransport READ of the same bytes "
           f"(16-token blocks, UCX shm, p50). vLLM startup {startup:.0f} s; {time.monotonic() - started:.0f} s")
+    print()
+    print(format_per_request(vllm_rows, pod_rows))
+    print("dec = the decode side's request with the remote KV (vLLM: HTTP completion, max_tokens=1; ours: the "
+          "decode pod's Decode stream to Finished, one token), median; READ = each system's own READ timer "
+          f"(vLLM nixl_xfer_time, ours splitserve:kv_transfer_seconds). Pods startup {pod_startup:.0f} s.")
     out = args.json or Path("bench/results/kv_transfer_peer.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({
@@ -225,8 +235,12 @@ def run_peer(args: argparse.Namespace) -> None:
         "vllm": [{**asdict(v), "mb_per_s": v.mb_per_s, "handoff_overhead_s": v.handoff_overhead_s}
                  for v in vllm_rows],
         "splitserve": ours, "vllm_startup_s": startup,
+        "splitserve_pods": [{**asdict(p), "mb_per_s": p.mb_per_s} for p in pod_rows],
+        "splitserve_pods_startup_s": pod_startup,
         "what": {"vllm": "NixlConnector 1P1D servers; per-request deltas of vLLM's own NIXL histograms",
-                 "splitserve": "NixlTransport READ between two processes, same layout and bytes (not via pods)"},
+                 "splitserve": "NixlTransport READ between two processes, same layout and bytes (not via pods)",
+                 "splitserve_pods": "1 prefill + 1 decode pod: Prefill, then Decode with the KV handle; "
+                                    "decode wall and the decode pod's kv_transfer_seconds delta"},
     }, indent=2))
     print(f"wrote {out}")
 

@@ -41,3 +41,16 @@ def test_handoff_rate_and_table() -> None:
     lines = table.splitlines()
     assert "    64 |" in lines[2] and "500" in lines[2] and "1.00" in lines[2]
     assert "  4080 |" in lines[3] and " - " in lines[3]
+
+
+def test_per_request_table_takes_medians_and_the_ratio() -> None:
+    from bench.peers.kv_pods import PodHandoff, format_per_request
+
+    vllm = [VllmHandoff(64, 0.0004, 1, 2 * 2**20, 0.1, wall, 0.08) for wall in (0.040, 0.050, 0.900)]
+    ours = [PodHandoff(64, "pulled", 2**20, read, wall, 0.05) for read, wall in ((0.0006, 0.02), (0.0004, 0.01),
+                                                                                (None, 0.03))]
+    row = format_per_request(vllm, ours).splitlines()[2].split()
+    # tokens | vLLM dec 50 ms (median, the 900 ms outlier ignored) | ours 20 ms | ratio 0.40 | READs
+    assert row[:6] == ["64", "|", "50.0", "20.0", "0.40", "|"]
+    assert row[6:8] == ["0.4", "0.5"]  # vLLM's 0.4 ms; ours the median of the two READs timed
+    assert PodHandoff(64, "recomputed", 0, None, 0.1, 0.1).mb_per_s is None

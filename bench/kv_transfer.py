@@ -68,7 +68,8 @@ def serve_peer(args: argparse.Namespace) -> None:
     print("@@" + base64.b64encode(transport.local_metadata().to_bytes()).decode(), flush=True)
     while True:
         transport.get_notifications()
-        if select.select([sys.stdin], [], [], 0.005)[0] and not sys.stdin.readline():
+        # As often as a prefill pod polls while a lease is claimed (LeaseKeeper).
+        if select.select([sys.stdin], [], [], 0.0002)[0] and not sys.stdin.readline():
             break
     transport.close()
 
@@ -214,6 +215,9 @@ def run_peer(args: argparse.Namespace) -> None:
     print("[peer] splitserve 1 prefill + 1 decode pod starting ...", flush=True)
     pod_rows, pod_startup = measure_pod_handoffs(ensure_bench_model("float32"), PROMPT_LENGTHS,
                                                  LLAMA_56M.vocab_size, repeats=repeats)
+    for p in pod_rows:  # printed now, so a vLLM failure later does not lose them
+        print(f"[peer] ours through pods: {p.prompt_tokens} tokens, {p.kv_source}, decode {p.decode_wall_s * 1e3:.1f} ms, "
+              f"READ {p.read_s * 1e3 if p.read_s is not None else float('nan'):.2f} ms", flush=True)
     print("[peer] vLLM 1P1D pair (NixlConnector, cores 0 + 1) starting (50-90 s) ...", flush=True)
     vllm_rows, startup = measure_vllm_handoffs(ensure_bench_model("float32"), PROMPT_LENGTHS,
                                                LLAMA_56M.vocab_size, repeats=repeats)

@@ -119,6 +119,11 @@ class LeaseTable:
     def num_leased_blocks(self) -> int:
         return self._num_blocks
 
+    @property
+    def num_claimed(self) -> int:
+        """Leases a decoder has claimed: a READ out of them may be in flight."""
+        return sum(lease.claimed_until is not None for lease in self._leases.values())
+
     def __len__(self) -> int:
         return len(self._leases)
 

@@ -73,24 +73,33 @@ def parse_metric_sums(text: str, names: tuple[str, ...]) -> dict[str, float]:
     return sums
 
 
-def scrape(server: VllmServer) -> dict[str, float]:
-    with urllib.request.urlopen(server.base_url + "/metrics", timeout=10) as resp:
-        return parse_metric_sums(resp.read().decode(), (NIXL_XFER, NIXL_BYTES))
+def scrape(server: VllmServer) -> dict[str, float] | None:
+    """The NIXL sums on ``server``'s /metrics; None when the server does not
+    answer within a minute (vLLM's 1P1D pair stalls for seconds at times here),
+    so that request's READ figures come out as None instead of ending the run."""
+    try:
+        with urllib.request.urlopen(server.base_url + "/metrics", timeout=60) as resp:
+            return parse_metric_sums(resp.read().decode(), (NIXL_XFER, NIXL_BYTES))
+    except OSError:  # URLError, timeouts, resets
+        return None
 
 
-def _scrape_after(server: VllmServer, before: dict[str, float], wait_s: float = 3.0) -> dict[str, float]:
+def _scrape_after(server: VllmServer, before: dict[str, float] | None,
+                  wait_s: float = 3.0) -> dict[str, float] | None:
     """Scrape until the transfer count moved (stats reach /metrics a step later), at most ``wait_s``."""
     deadline = time.monotonic() + wait_s
     after = scrape(server)
-    while (after.get(NIXL_XFER + "_count", 0.0) <= before.get(NIXL_XFER + "_count", 0.0)
+    while (before is not None and after is not None
+           and after.get(NIXL_XFER + "_count", 0.0) <= before.get(NIXL_XFER + "_count", 0.0)
            and time.monotonic() < deadline):
         time.sleep(0.1)
         after = scrape(server)
     return after
 
 
-def _delta(after: dict[str, float], before: dict[str, float], key: str) -> float | None:
-    if key not in after:
+def _delta(after: dict[str, float] | None, before: dict[str, float] | None, key: str) -> float | None:
+    """``after - before`` of ``key``; None if either scrape failed or ``after`` lacks it."""
+    if after is None or before is None or key not in after:
         return None
     return after[key] - before.get(key, 0.0)
 

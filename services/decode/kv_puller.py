@@ -58,6 +58,10 @@ class KVPuller:
     timeout_s: float
     observe_seconds: Callable[[float], None] = lambda _s: None
     poll_interval_s: float = 0.001
+    # A READ of a few MB ends well under a millisecond on one host, and with
+    # no NIXL progress thread it only completes when polled: poll back to
+    # back (yielding to the loop) this long before settling into sleeps.
+    spin_s: float = 0.002
     counters: PullCounters = field(default_factory=PullCounters)
     _background: set[asyncio.Task[bool]] = field(default_factory=set)
 
@@ -122,6 +126,7 @@ class KVPuller:
         prefill lease at once but still waits for the READ to end (bounded by
         its deadline), because it writes into blocks the engine would free."""
         cancelled = released = False
+        spin_until = time.monotonic() + self.spin_s
         while True:
             state = self.transport.poll(read)
             if state.terminal:
@@ -130,7 +135,7 @@ class KVPuller:
                 released = True
                 self._release_lease(handle)
             try:
-                await asyncio.sleep(self.poll_interval_s)
+                await asyncio.sleep(0 if time.monotonic() < spin_until else self.poll_interval_s)
             except asyncio.CancelledError:
                 cancelled = True
 

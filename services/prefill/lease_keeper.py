@@ -4,7 +4,8 @@
 Runs on the pod's event loop, which is also the only thread that touches the
 transport and the lease table (neither is thread-safe). A background task
 polls notifications and expiries every ``poll_interval_s`` while leases exist
-and sleeps on an event otherwise.
+(``claimed_poll_interval_s`` while one is claimed) and sleeps on an event
+otherwise.
 """
 from __future__ import annotations
 
@@ -31,13 +32,18 @@ class LeaseKeeper:
     """Owns the lease table; every lease it drops unpins the blocks in the engine."""
 
     def __init__(self, engine: AsyncEngine, transport: KVTransport, ttl_seconds: float,
-                 claim_timeout_s: float, poll_interval_s: float = 0.005) -> None:
+                 claim_timeout_s: float, poll_interval_s: float = 0.005,
+                 claimed_poll_interval_s: float = 0.0002) -> None:
         self.engine = engine
         self.transport = transport
         self.ttl_seconds = ttl_seconds
         self.table = LeaseTable(claim_timeout_s=claim_timeout_s)
         self.counters = LeaseCounters()
         self._poll_interval_s = poll_interval_s
+        # While a lease is claimed a READ may be in flight, and without NIXL's
+        # progress thread UCX serves its target side only when this pod polls
+        # (a READ waited up to one poll interval): poll fast until released.
+        self._claimed_poll_interval_s = claimed_poll_interval_s
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._lease_ids: set[str] = set()  # LeaseTable lists no ids
@@ -64,7 +70,9 @@ class LeaseKeeper:
 
     def claim(self, request_id: str) -> tuple[int, ...]:
         """Raise ``LeaseNotFoundError`` if unknown or expired."""
-        return self.table.claim(request_id)
+        block_ids = self.table.claim(request_id)
+        self._wake.set()  # the READ follows at once: switch to fast polling now
+        return block_ids
 
     def release(self, request_id: str) -> bool:
         """Drop a lease at once and unpin its blocks; False if there was none."""
@@ -97,4 +105,7 @@ class LeaseKeeper:
                 self.sweep()
                 await self._wake.wait()
             self.sweep()
-            await asyncio.sleep(self._poll_interval_s)
+            self._wake.clear()
+            interval = self._claimed_poll_interval_s if self.table.num_claimed else self._poll_interval_s
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), interval)

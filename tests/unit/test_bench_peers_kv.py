@@ -54,3 +54,10 @@ def test_per_request_table_takes_medians_and_the_ratio() -> None:
     assert row[:6] == ["64", "|", "50.0", "20.0", "0.40", "|"]
     assert row[6:8] == ["0.4", "0.5"]  # vLLM's 0.4 ms; ours the median of the two READs timed
     assert PodHandoff(64, "recomputed", 0, None, 0.1, 0.1).mb_per_s is None
+
+
+def test_a_failed_scrape_gives_no_delta() -> None:
+    sums = {NIXL_XFER + "_sum": 0.5}
+    assert _delta(None, sums, NIXL_XFER + "_sum") is None
+    assert _delta(sums, None, NIXL_XFER + "_sum") is None
+    assert _delta(sums, {}, NIXL_XFER + "_sum") == 0.5

@@ -33,7 +33,7 @@ class LeaseKeeper:
 
     def __init__(self, engine: AsyncEngine, transport: KVTransport, ttl_seconds: float,
                  claim_timeout_s: float, poll_interval_s: float = 0.005,
-                 claimed_poll_interval_s: float = 0.0002, claim_spin_s: float = 0.003) -> None:
+                 claimed_poll_interval_s: float = 0.0002) -> None:
         self.engine = engine
         self.transport = transport
         self.ttl_seconds = ttl_seconds
@@ -44,11 +44,6 @@ class LeaseKeeper:
         # progress thread UCX serves its target side only when this pod polls
         # (a READ waited up to one poll interval): poll fast until released.
         self._claimed_poll_interval_s = claimed_poll_interval_s
-        # The event loop's timers resolve to ~1 ms (epoll), so right after a
-        # claim, when a small READ is being served, poll back to back for a
-        # few ms (bounded, so a decoder that dies mid-claim costs no more).
-        self._claim_spin_s = claim_spin_s
-        self._spin_until = 0.0
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._lease_ids: set[str] = set()  # LeaseTable lists no ids
@@ -76,7 +71,6 @@ class LeaseKeeper:
     def claim(self, request_id: str) -> tuple[int, ...]:
         """Raise ``LeaseNotFoundError`` if unknown or expired."""
         block_ids = self.table.claim(request_id)
-        self._spin_until = time.monotonic() + self._claim_spin_s
         self._wake.set()  # the READ follows at once: switch to fast polling now
         return block_ids
 
@@ -112,9 +106,6 @@ class LeaseKeeper:
                 await self._wake.wait()
             self.sweep()
             self._wake.clear()
-            if self.table.num_claimed and time.monotonic() < self._spin_until:
-                await asyncio.sleep(0)
-                continue
             interval = self._claimed_poll_interval_s if self.table.num_claimed else self._poll_interval_s
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), interval)

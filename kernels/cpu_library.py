@@ -1,4 +1,4 @@
-"""Builds the CPU kernels' shared library (``cpu_*.c``) on first use.
+"""Builds the CPU kernels' shared library (``cpu_*.c``, ``cpu_*.h``) on first use.
 
 The sources are compiled with the system C compiler (``$CC``, else ``cc``)
 into ``<cache dir>/cpu-kernels/``, keyed by the sources, the flags and this
@@ -40,6 +40,8 @@ def build_library(cache_dir: Path | None = None) -> Path:
     parts = [compiler.encode(), " ".join(COMMON_FLAGS).encode(), platform.machine().encode(), _cpu_flags()]
     for name, flags in SOURCES.items():
         parts += [name.encode(), " ".join(flags).encode(), (_HERE / name).read_bytes()]
+    for header in sorted(_HERE.glob("*.h")):
+        parts += [header.name.encode(), header.read_bytes()]
     key = hashlib.sha256(b"\0".join(parts)).hexdigest()[:16]
     root = (cache_dir or default_cache_dir()) / "cpu-kernels"
     target = root / f"splitserve_cpu-{key}.so"

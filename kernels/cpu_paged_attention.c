@@ -23,20 +23,19 @@
 #include <string.h>
 #include <math.h>
 
-enum { DTYPE_F32 = 0, DTYPE_BF16 = 1 };
+#include "cpu_dtype.h"
 
-static inline float bf16_to_f32(uint16_t x) {
-    uint32_t u = ((uint32_t)x) << 16;
-    float f;
-    memcpy(&f, &u, sizeof f);
-    return f;
-}
-
-static inline uint16_t f32_to_bf16(float f) {
-    uint32_t u;
-    memcpy(&u, &f, sizeof u);
-    u += 0x7FFFu + ((u >> 16) & 1u); /* round to nearest even, like torch */
-    return (uint16_t)(u >> 16);
+/* sh[0..n) = exp(sh - max(sh)) in place; returns their sum. */
+static inline float exp_shifted(float *sh, int64_t n) {
+    float m = sh[0];
+    for (int64_t t = 1; t < n; ++t) m = sh[t] > m ? sh[t] : m;
+    float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+    for (int64_t t = 0; t < n; ++t) {
+        sh[t] = expf(sh[t] - m);
+        sum += sh[t];
+    }
+    return sum;
 }
 
 static inline void load_row(const void *base, int64_t index, int dtype, int64_t n, float *dst) {
@@ -155,15 +154,7 @@ static inline __attribute__((always_inline)) void attend_avx512(
     }
     for (int64_t h = 0; h < group; ++h) {
         float *sh = scores + h * score_stride;
-        float m = sh[0];
-        for (int64_t t = 1; t < context; ++t) m = sh[t] > m ? sh[t] : m;
-        float sum = 0.f;
-#pragma omp simd reduction(+ : sum)
-        for (int64_t t = 0; t < context; ++t) {
-            sh[t] = expf(sh[t] - m);
-            sum += sh[t];
-        }
-        const float inv = 1.f / sum;
+        const float inv = 1.f / exp_shifted(sh, context);
         __m512 av[16];
         for (int64_t c = 0; c < num_chunks; ++c) av[c] = _mm512_setzero_ps();
         for (int64_t b = 0; b < used_blocks; ++b) {
@@ -305,15 +296,7 @@ int splitserve_paged_attention(
             }
             for (int64_t h = 0; h < group; ++h) {
                 float *sh = scores + h * score_stride;
-                float m = sh[0];
-                for (int64_t t = 1; t < context; ++t) m = sh[t] > m ? sh[t] : m;
-                float sum = 0.f;
-#pragma omp simd reduction(+ : sum)
-                for (int64_t t = 0; t < context; ++t) {
-                    sh[t] = expf(sh[t] - m);
-                    sum += sh[t];
-                }
-                const float inv = 1.f / sum;
+                const float inv = 1.f / exp_shifted(sh, context);
 #pragma omp simd
                 for (int64_t t = 0; t < context; ++t) sh[t] *= inv;
             }

@@ -63,13 +63,19 @@ class LlamaAttention(nn.Module):
                 kv_cache: torch.Tensor, metadata: AttentionMetadata,
                 backend: AttentionBackend) -> torch.Tensor:
         """``rope``: this step's ``RotaryEmbedding.lookup`` table."""
+        q = self._rotated_query_with_kv_stored(hidden, rope, kv_cache, metadata, backend)
+        out = backend.forward(q, kv_cache, self.layer, metadata, self.scale)
+        out = out.reshape(hidden.shape[0], self.num_heads * self.head_dim)
+        return self.o_proj(out) if self.out is None else self.out(out)
+
+    def _rotated_query_with_kv_stored(self, hidden: torch.Tensor, rope: RopeTable, kv_cache: torch.Tensor,
+                                      metadata: AttentionMetadata, backend: AttentionBackend) -> torch.Tensor:
+        """Project q/k/v, rotate q and k, store k and v; returns q [T, H, D]."""
         t = hidden.shape[0]
         if self.qkv is not None:
             qkv = self.qkv(hidden)
             if backend.can_rope_store and not self.qk_norm:
-                q = backend.rope_store(qkv, rope, self.num_heads, kv_cache, self.layer, metadata)
-                out = backend.forward(q, kv_cache, self.layer, metadata, self.scale)
-                return self.out(out.reshape(t, self.num_heads * self.head_dim))
+                return backend.rope_store(qkv, rope, self.num_heads, kv_cache, self.layer, metadata)
             q, k, v = qkv.split(self.sizes, dim=-1)
         else:
             q, k, v = self.q_proj(hidden), self.k_proj(hidden), self.v_proj(hidden)
@@ -80,9 +86,7 @@ class LlamaAttention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rotary(rope, q, k)
         backend.store_kv(k, v, kv_cache, self.layer, metadata)
-        out = backend.forward(q, kv_cache, self.layer, metadata, self.scale)
-        out = out.reshape(t, self.num_heads * self.head_dim)
-        return self.o_proj(out) if self.out is None else self.out(out)
+        return q
 
 
 class LlamaMLP(nn.Module):

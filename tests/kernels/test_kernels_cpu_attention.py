@@ -20,8 +20,8 @@ pytestmark = pytest.mark.skipif(shutil.which("cc") is None, reason="needs a C co
 
 
 @pytest.fixture(scope="module")
-def kernel(tmp_path_factory: pytest.TempPathFactory) -> CPUPagedAttention:
-    built = CPUPagedAttention.load(tmp_path_factory.mktemp("kernels"))
+def kernel(cpu_kernels_dir) -> CPUPagedAttention:
+    built = CPUPagedAttention.load(cpu_kernels_dir)
     assert built is not None, "the CPU attention kernel did not build"
     return built
 

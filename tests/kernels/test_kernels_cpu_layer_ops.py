@@ -15,8 +15,8 @@ pytestmark = pytest.mark.skipif(shutil.which("cc") is None, reason="needs a C co
 
 
 @pytest.fixture(scope="module")
-def ops(tmp_path_factory: pytest.TempPathFactory) -> CPULayerOps:
-    built = CPULayerOps.load(tmp_path_factory.mktemp("kernels"))
+def ops(cpu_kernels_dir) -> CPULayerOps:
+    built = CPULayerOps.load(cpu_kernels_dir)
     assert built is not None, "the CPU layer ops did not build"
     return built
 

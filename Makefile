@@ -10,17 +10,18 @@ PYTEST_ARGS ?=
 
 .PHONY: install run test test-fast bench bench-peers proto clean
 
-$(VENV)/.installed: pyproject.toml Makefile
+$(VENV)/.installed: pyproject.toml setup.py Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
 	$(PY) -m pip install -q -e ".[test]"
 	touch $@
 
-install: $(VENV)/.installed proto
+install: $(VENV)/.installed
 
+# Convenience only: every pip build generates the stubs itself (setup.py).
 proto: $(VENV)/.installed
-	$(PY) -m splitserve.proto_build
+	$(PY) proto/stub_builder.py
 
 run: install
 	$(PY) -m splitserve up

@@ -39,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from workload import ServingRequest, serving_workload, write_json  # noqa: E402
 
-from splitserve.local_launcher import LocalCluster, LocalClusterConfig, free_port  # noqa: E402
+from splitserve.local.launcher import LocalCluster, LocalClusterConfig, free_port  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -264,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--peer", choices=("vllm",), default=None,
                         help="also vLLM's CPU build (unified, and 1P1D via NixlConnector) on the 56M bench model")
     args = parser.parse_args(argv)
-    from splitserve.up_command import resolve_model
+    from splitserve.cli.up_command import resolve_model
 
     if args.peer and args.model is None:
         sys.path.insert(0, str(Path(__file__).resolve().parents[1]))

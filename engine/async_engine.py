@@ -9,6 +9,7 @@ scheduled the thread sleeps on a condition until a command arrives.
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -18,6 +19,11 @@ from splitserve.engine.engine_args import EngineArgs
 from splitserve.engine.engine_core import EngineCore
 from splitserve.engine.outputs import EngineOutput, EngineStats
 from splitserve.engine.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+StepHook = Callable[[EngineCore], None]
+"""Called on the engine thread right after each step, with the core."""
 
 
 class EngineDeadError(RuntimeError):
@@ -57,10 +63,17 @@ class AsyncEngine:
     ``submit`` and the iterators it returns belong to an asyncio loop;
     ``abort``, ``finish_remote_kv``, ``release_held_blocks``, ``stats`` and
     ``shutdown`` may be called from any thread.
+
+    ``after_step`` hooks run on the engine thread after every step that ran
+    (successful or not), before the next command is applied: the one place
+    where code outside the engine may read single-threaded state such as the
+    block pool's events. A hook must not block; one that raises is logged
+    and the engine goes on.
     """
 
-    def __init__(self, core: EngineCore) -> None:
+    def __init__(self, core: EngineCore, after_step: Sequence[StepHook] = ()) -> None:
         self.core = core
+        self._after_step = tuple(after_step)
         self._commands: deque[Callable[[], None]] = deque()
         self._wake = threading.Condition()
         self._sinks: dict[str, _Sink] = {}  # engine thread only
@@ -70,10 +83,10 @@ class AsyncEngine:
         self._thread.start()
 
     @classmethod
-    def from_engine_args(cls, engine_args: EngineArgs) -> AsyncEngine:
+    def from_engine_args(cls, engine_args: EngineArgs, after_step: Sequence[StepHook] = ()) -> AsyncEngine:
         from splitserve.engine.model_runner import load_model_runner
 
-        return cls(EngineCore(engine_args, load_model_runner(engine_args)))
+        return cls(EngineCore(engine_args, load_model_runner(engine_args)), after_step)
 
     # -- any thread -------------------------------------------------------
 
@@ -191,6 +204,7 @@ class AsyncEngine:
             self.core.last_step_idle = False  # commands may have made work schedulable
             if self.core.scheduler.has_schedulable_requests():
                 self._step()
+                self._run_hooks()
             self._stats = self.core.stats()
         self._close_all()
 
@@ -219,6 +233,13 @@ class AsyncEngine:
             sink.put(output)
             if output.finished:
                 del self._sinks[output.request_id]
+
+    def _run_hooks(self) -> None:
+        for hook in self._after_step:
+            try:
+                hook(self.core)
+            except Exception:  # noqa: BLE001 - an observer must not stop the engine
+                logger.exception("after-step hook %r failed", hook)
 
     def _close_all(self) -> None:
         # Commands were applied before leaving the loop, so every accepted

@@ -1,1 +1,1 @@
-"""Generated protobuf/gRPC stubs of the control plane (built by `make proto`)."""
+"""Generated protobuf/gRPC stubs of the control plane (built by every pip build, see setup.py)."""

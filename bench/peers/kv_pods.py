@@ -77,7 +77,7 @@ def measure_pod_handoffs(model_dir: Path, lengths: tuple[int, ...], vocab_size: 
     """Start 1 prefill + 1 decode pod (and the router, unused here), one
     warm-up handoff (the peer handshake), then ``repeats`` per length; returns
     rows and startup seconds. Every process is stopped on the way out."""
-    from splitserve.local_launcher import LocalCluster, LocalClusterConfig, free_port
+    from splitserve.local.launcher import LocalCluster, LocalClusterConfig, free_port
     from splitserve.router.pd_client import PodClient
 
     max_len = max(lengths) + 16

@@ -26,7 +26,7 @@ from splitserve.engine.step_io import RemoteKVLoad
 from splitserve.kvtransfer import (
     InvalidMetadataError, KVTransferError, KVTransport, LeaseNotFoundError, TransferHandle, TransferState,
 )
-from splitserve.pod_messages import KVHandle, KVSource
+from splitserve.pod.messages import KVHandle, KVSource
 
 logger = logging.getLogger(__name__)
 

@@ -10,7 +10,7 @@ from typing import Protocol
 import grpc
 
 from splitserve.kvtransfer import InvalidMetadataError, LeaseNotFoundError, TransferMetadata
-from splitserve.pod_messages import PodError
+from splitserve.pod.messages import PodError
 
 
 class PeerUnreachableError(RuntimeError):

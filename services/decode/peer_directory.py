@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from splitserve.decode.peer_client import PeerClient
 from splitserve.kvtransfer import KVTransport, PeerHandle
-from splitserve.pod_messages import KVHandle
+from splitserve.pod.messages import KVHandle
 
 
 class StaleHandleError(RuntimeError):

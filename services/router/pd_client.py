@@ -16,7 +16,7 @@ from splitserve.engine.request import TokenLogprobs
 from splitserve.engine.sampling_params import SamplingParams
 from splitserve.proto import splitserve_v1_pb2 as pb
 from splitserve.proto import splitserve_v1_pb2_grpc as pb_grpc
-from splitserve.proto_convert import (finish_reason_from_proto, logprobs_from_proto,
+from splitserve.pod.proto_convert import (finish_reason_from_proto, logprobs_from_proto,
                                       logprobs_list_from_proto, sampling_to_proto)
 from splitserve.router.backend import BackendError
 from splitserve.router.pod_state import PodLoad

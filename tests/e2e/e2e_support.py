@@ -11,7 +11,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from splitserve.local_launcher import LocalCluster, LocalClusterConfig, free_port
+from splitserve.local.launcher import LocalCluster, LocalClusterConfig, free_port
 from splitserve.router.pd_client import LoadSnapshot, PodClient
 
 # Small KV caches keep three engines within a laptop's memory; the tiny model

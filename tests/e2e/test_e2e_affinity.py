@@ -13,7 +13,7 @@ import openai
 import pytest
 from e2e_support import metric_values, pod_metric, running_cluster, wait_until_idle
 
-from splitserve.local_launcher import LocalCluster
+from splitserve.local.launcher import LocalCluster
 
 pytestmark = pytest.mark.e2e
 

@@ -18,11 +18,11 @@ import torch
 pytest.importorskip("nixl")
 
 from splitserve.engine.sampling_params import SamplingParams  # noqa: E402
-from splitserve.local_launcher import free_port, is_healthy  # noqa: E402
-from splitserve.process_group import ManagedProcess, ProcessGroup  # noqa: E402
+from splitserve.local.launcher import free_port, is_healthy  # noqa: E402
+from splitserve.local.process_group import ManagedProcess, ProcessGroup  # noqa: E402
 from splitserve.proto import splitserve_v1_pb2 as pb  # noqa: E402
 from splitserve.proto import splitserve_v1_pb2_grpc as pb_grpc  # noqa: E402
-from splitserve.proto_convert import sampling_to_proto  # noqa: E402
+from splitserve.pod.proto_convert import sampling_to_proto  # noqa: E402
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 

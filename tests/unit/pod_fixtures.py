@@ -8,13 +8,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from splitserve.decode.peer_client import LocalPeerClient
+from splitserve.engine.async_engine import AsyncEngine
 from splitserve.engine.engine_args import EngineArgs
 from splitserve.engine.sampling_params import SamplingParams
 from splitserve.kvtransfer import FakeFabric, FakeTransport
-from splitserve.pod_config import PodConfig
-from splitserve.pod_core import PodCore
-from splitserve.pod_engine import PodEngine
-from splitserve.pod_messages import DecodeChunk, DecodeFinished, Role
+from splitserve.pod.config import PodConfig
+from splitserve.pod.core import PodCore
+from splitserve.pod.kv_event_hub import KVEventHub
+from splitserve.pod.messages import DecodeChunk, DecodeFinished, Role
 
 ENGINE = dict(device="cpu", block_size=8, max_model_len=128, attention_backend="torch", num_gpu_blocks_override=48)
 GREEDY = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
@@ -28,14 +29,16 @@ class Cluster:
 
     async def pod(self, role: Role, address: str, *, fingerprint: str = "m", engine: dict | None = None,
                   **config: object) -> PodCore:
-        eng = PodEngine.from_engine_args(EngineArgs(model=str(self.model), **{**ENGINE, **(engine or {})}))
+        kv_events = KVEventHub()
+        eng = AsyncEngine.from_engine_args(EngineArgs(model=str(self.model), **{**ENGINE, **(engine or {})}),
+                                           after_step=[kv_events.after_step])
         cfg = PodConfig(role, advertise_address=address, **config)  # type: ignore[arg-type]
         transport = None
         if role is not Role.UNIFIED:
             transport = FakeTransport(self.fabric, cfg.transfer_agent_name, eng.core.runner.kv_cache,
                                       model_fingerprint=fingerprint, default_timeout_s=cfg.kv_transfer_timeout_s)
         client = LocalPeerClient(self.pods.get) if role is Role.DECODE else None
-        core = PodCore(cfg, eng, transport, client)
+        core = PodCore(cfg, eng, transport, client, kv_events)
         await core.start()
         self.pods[address] = core
         return core

@@ -11,7 +11,7 @@ import torch
 
 from pod_fixtures import GREEDY, Cluster, collect, disaggregated, wait_clean
 from splitserve.engine.sampling_params import SamplingParams
-from splitserve.pod_messages import KVHandle, KVSource, PodError, Role
+from splitserve.pod.messages import KVHandle, KVSource, PodError, Role
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.timeout(120)]
 
@@ -96,7 +96,7 @@ async def test_lease_expiry_frees_blocks_nobody_pulled(cluster: Cluster) -> None
     result = await prefill.prefill("lonely", _prompts(4, (20,))[0], GREEDY)
     assert result.kv_handle is not None and prefill.load().num_leased_blocks == 3
     await wait_clean(prefill, timeout=3)
-    assert prefill.leases.counters.expired == 1
+    assert prefill.prefill_handler.leases.counters.expired == 1
     with pytest.raises(PodError):
         prefill.claim_kv("lonely", prefill.incarnation_id)
 
@@ -137,7 +137,7 @@ async def test_failed_read_recomputes_the_same_tokens(cluster: Cluster) -> None:
     decode_prompt = prompt  # a fresh decoder-side request id, same tokens
     got, finished = await disaggregated(prefill, decode, "broken", decode_prompt)
     assert got == want and finished.kv_source is KVSource.RECOMPUTED
-    assert decode.puller.counters.failures == 1
+    assert decode.remote_kv.puller.counters.failures == 1
     await wait_clean(prefill, decode)
 
 

@@ -6,8 +6,8 @@ import httpx
 from prometheus_client import CollectorRegistry, Counter
 
 from splitserve.http_server import EmbeddedHTTPServer
-from splitserve.local_launcher import free_port
-from splitserve.pod_http import create_pod_http_app
+from splitserve.local.launcher import free_port
+from splitserve.pod.http import create_pod_http_app
 
 
 def test_health_and_metrics_over_a_real_socket() -> None:

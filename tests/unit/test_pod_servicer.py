@@ -10,11 +10,11 @@ from prometheus_client import generate_latest
 from pod_fixtures import Cluster, wait_clean
 from splitserve.engine.sampling_params import SamplingParams
 from splitserve.kvtransfer import TransferMetadata
-from splitserve.pod_messages import Role
-from splitserve.pod_servicer import PodServicer
+from splitserve.pod.messages import Role
+from splitserve.pod.servicer import PodServicer
 from splitserve.proto import splitserve_v1_pb2 as pb
 from splitserve.proto import splitserve_v1_pb2_grpc as pb_grpc
-from splitserve.proto_convert import sampling_to_proto
+from splitserve.pod.proto_convert import sampling_to_proto
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.timeout(120)]
 GREEDY = sampling_to_proto(SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True))

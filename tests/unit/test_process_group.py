@@ -5,7 +5,7 @@ import subprocess
 import sys
 import time
 
-from splitserve.process_group import ProcessGroup
+from splitserve.local.process_group import ProcessGroup
 
 
 def _alive(pid: int) -> bool:
@@ -45,7 +45,7 @@ def test_children_die_when_the_launcher_is_killed(tmp_path) -> None:
     pid_file = tmp_path / "child.pid"
     launcher = (
         "import sys, time;"
-        "from splitserve.process_group import ProcessGroup;"
+        "from splitserve.local.process_group import ProcessGroup;"
         "g = ProcessGroup();"
         "p = g.start('c', [sys.executable, '-c', 'import time; time.sleep(60)']);"
         f"open({str(pid_file)!r}, 'w').write(str(p.pid));"

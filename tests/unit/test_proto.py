@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from splitserve.proto_build import build_stubs
+from splitserve.proto.stub_builder import build_stubs
 
 
 def test_stubs_build_into_a_fresh_folder(tmp_path: Path) -> None:

@@ -6,7 +6,7 @@ from splitserve.engine.errors import InvalidRequestError
 from splitserve.engine.request import TokenLogprobs
 from splitserve.engine.sampling_params import SamplingParams
 from splitserve.proto import splitserve_v1_pb2 as pb
-from splitserve.proto_convert import (
+from splitserve.pod.proto_convert import (
     finish_reason_from_proto,
     finish_reason_to_proto,
     logprobs_from_proto,

@@ -15,10 +15,10 @@ from splitserve import __version__
 # Modules providing ``register(subparsers)``; imported lazily so that
 # ``splitserve --help`` does not load torch.
 COMMAND_MODULES = (
-    "splitserve.up_command",
-    "splitserve.model_command",
-    "splitserve.router_command",
-    "splitserve.serve_command",
+    "splitserve.cli.up_command",
+    "splitserve.cli.model_command",
+    "splitserve.cli.router_command",
+    "splitserve.cli.serve_command",
 )
 
 

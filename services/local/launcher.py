@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from splitserve.process_group import ProcessGroup
+from splitserve.local.process_group import ProcessGroup
 
 
 @dataclass

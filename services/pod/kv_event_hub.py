@@ -1,10 +1,8 @@
-"""The pod's engine: ``AsyncEngine`` plus a tap on the block pool's KV events.
+"""Fan-out of the block pool's KV events from the engine thread to asyncio.
 
-Adapter (engine/ is not ours to change): ``AsyncEngine`` offers no hook to
-run code on its engine thread, and ``BlockPool.take_events`` must run there
-(the pool is single-threaded). ``PodEngine`` overrides the step to drain the
-events right after each step and hands them to ``KVEventHub``, which delivers
-them to asyncio subscribers through ``call_soon_threadsafe``.
+The pool is single-threaded, so its events are drained on the engine thread
+by ``KVEventHub.after_step`` (an ``AsyncEngine`` after-step hook) and handed
+to each asyncio subscriber through ``call_soon_threadsafe``.
 """
 from __future__ import annotations
 
@@ -13,8 +11,8 @@ import threading
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
-from splitserve.engine.async_engine import AsyncEngine
 from splitserve.engine.block_pool import KVCacheEvents
+from splitserve.engine.engine_core import EngineCore
 
 
 @dataclass
@@ -29,6 +27,12 @@ class KVEventHub:
 
     _subscribers: list[_Subscriber] = field(default_factory=list)
     _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def after_step(self, core: EngineCore) -> None:
+        """Engine-thread hook: publish what the step stored or evicted."""
+        events = core.pool.take_events()
+        if not events.is_empty:
+            self.publish(events)
 
     def publish(self, events: KVCacheEvents) -> None:
         """Engine thread: deliver one batch to every subscriber (non-blocking)."""
@@ -62,23 +66,3 @@ class KVEventHub:
             with self._lock:
                 if sub in self._subscribers:
                     self._subscribers.remove(sub)
-
-
-class PodEngine(AsyncEngine):
-    """``AsyncEngine`` that publishes the pool's events after every step."""
-
-    kv_events: KVEventHub
-
-    def __init__(self, *args: object, **kwargs: object) -> None:
-        self.kv_events = KVEventHub()
-        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
-
-    def _step(self) -> None:
-        super()._step()
-        events = self.core.pool.take_events()
-        if not events.is_empty:
-            self.kv_events.publish(events)
-
-    def shutdown(self, timeout: float | None = 10.0) -> None:
-        super().shutdown(timeout)
-        self.kv_events.close()

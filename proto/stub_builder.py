@@ -18,7 +18,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-PROTO_DIR = Path(__file__).resolve().parent.parent / "proto"
+PROTO_DIR = Path(__file__).resolve().parent
 
 
 def build_stubs(proto_dir: Path = PROTO_DIR) -> list[Path]:

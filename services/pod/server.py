@@ -9,15 +9,16 @@ import sys
 
 import grpc
 
+from splitserve.engine.async_engine import AsyncEngine
 from splitserve.engine.engine_args import EngineArgs
 from splitserve.http_server import EmbeddedHTTPServer
-from splitserve.model_fingerprint import model_fingerprint
-from splitserve.pod_config import PodConfig
-from splitserve.pod_core import PodCore
-from splitserve.pod_engine import PodEngine
-from splitserve.pod_http import create_pod_http_app
-from splitserve.pod_messages import Role
-from splitserve.pod_servicer import PodServicer
+from splitserve.pod.model_fingerprint import model_fingerprint
+from splitserve.pod.config import PodConfig
+from splitserve.pod.core import PodCore
+from splitserve.pod.kv_event_hub import KVEventHub
+from splitserve.pod.http import create_pod_http_app
+from splitserve.pod.messages import Role
+from splitserve.pod.servicer import PodServicer
 from splitserve.proto import splitserve_v1_pb2_grpc as pb_grpc
 
 logger = logging.getLogger("splitserve.pod")
@@ -73,7 +74,8 @@ class PodServer:
         return 0
 
     def _build_core(self) -> PodCore:
-        engine = PodEngine.from_engine_args(self.engine_args)
+        kv_events = KVEventHub()
+        engine = AsyncEngine.from_engine_args(self.engine_args, after_step=[kv_events.after_step])
         transport = None
         client = None
         if self.config.role is not Role.UNIFIED:
@@ -90,7 +92,7 @@ class PodServer:
             from splitserve.decode.peer_client import GrpcPeerClient
 
             client = GrpcPeerClient()
-        return PodCore(self.config, engine, transport, client)
+        return PodCore(self.config, engine, transport, client, kv_events)
 
 
 def serve(config: PodConfig, engine_args: EngineArgs) -> int:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from splitserve.pod_messages import Role
+from splitserve.pod.messages import Role
 
 
 @dataclass(frozen=True)

@@ -4,8 +4,8 @@ from __future__ import annotations
 import argparse
 
 from splitserve.engine.engine_args import EngineArgs
-from splitserve.pod_config import PodConfig
-from splitserve.pod_messages import Role
+from splitserve.pod.config import PodConfig
+from splitserve.pod.messages import Role
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -35,7 +35,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from splitserve.pod_server import serve
+    from splitserve.pod.server import serve
 
     try:
         config = PodConfig(

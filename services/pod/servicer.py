@@ -16,11 +16,11 @@ import grpc
 from splitserve.engine.block_hash import BLOCK_HASH_VERSION
 from splitserve.engine.errors import InvalidRequestError
 from splitserve.engine.sampling_params import SamplingParams
-from splitserve.pod_core import PodCore
-from splitserve.pod_messages import DecodeChunk, KVHandle, KVSource, PodError, Role
+from splitserve.pod.core import PodCore
+from splitserve.pod.messages import DecodeChunk, KVHandle, KVSource, PodError, Role
 from splitserve.proto import splitserve_v1_pb2 as pb
 from splitserve.proto import splitserve_v1_pb2_grpc as pb_grpc
-from splitserve.proto_convert import finish_reason_to_proto, logprobs_to_proto, sampling_from_proto
+from splitserve.pod.proto_convert import finish_reason_to_proto, logprobs_to_proto, sampling_from_proto
 
 logger = logging.getLogger(__name__)
 

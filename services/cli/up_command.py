@@ -47,7 +47,7 @@ def resolve_model(model: str | None) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from splitserve.local_launcher import LocalCluster, LocalClusterConfig, run_until_interrupted
+    from splitserve.local.launcher import LocalCluster, LocalClusterConfig, run_until_interrupted
 
     pod_args = [a for a in args.pod_args if a != "--"]
     try:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-from splitserve.pod_metrics import PodMetrics
+from splitserve.pod.metrics import PodMetrics
 
 
 @dataclass

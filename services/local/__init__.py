@@ -1,0 +1,1 @@
+"""The local launcher behind `splitserve up`: pods and router as a process group."""

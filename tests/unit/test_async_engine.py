@@ -187,3 +187,26 @@ async def test_idle_engine_sleeps() -> None:
     assert engine.core.stats().num_steps == before == 0
     engine.shutdown()
     core.check_no_leaks()
+
+
+async def test_after_step_hooks_run_on_the_engine_thread_and_a_failing_one_is_contained() -> None:
+    core = make_core(max_num_seqs=4, max_num_batched_tokens=16)
+    seen: list[tuple[str, int]] = []
+
+    def record(c) -> None:  # noqa: ANN001
+        assert c is core
+        seen.append((threading.current_thread().name, c.stats().scheduler.num_running))
+
+    def broken(_c) -> None:  # noqa: ANN001
+        raise RuntimeError("observer bug")
+
+    eng = AsyncEngine(core, after_step=[broken, record])
+    try:
+        stream = await eng.submit("r", prompt_of(5), SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True))
+        tokens = [t async for out in stream for t in out.new_token_ids]
+        assert len(tokens) == 4
+        assert len(seen) >= 4, "one call per step (prefill + 3 decodes at least)"
+        assert {name for name, _ in seen} == {"splitserve-engine"}
+        await settle(eng)
+    finally:
+        eng.shutdown()

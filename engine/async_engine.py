@@ -110,6 +110,10 @@ class AsyncEngine:
         task iterating it, aborts the request.
         """
         loop = asyncio.get_running_loop()
+        if sampling_params is not None and sampling_params.constraint is not None:
+            # Tokenizer load and grammar compile off the engine thread, so the
+            # step loop keeps running; a bad constraint raises here.
+            await loop.run_in_executor(None, self.core.prepare_constraint, sampling_params.constraint)
         sink = _Sink(loop, asyncio.Queue())
         accepted: asyncio.Future[None] = loop.create_future()
         args = (list(prompt_token_ids), sampling_params)

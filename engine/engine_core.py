@@ -17,6 +17,8 @@ from splitserve.engine.request import Request
 from splitserve.engine.sampling_params import SamplingParams
 from splitserve.engine.scheduler import Scheduler, SchedulerConfig
 from splitserve.engine.step_io import ModelRunnerOutput, SchedulerOutput
+from splitserve.engine.structured.constraint import Constraint
+from splitserve.engine.structured.manager import StructuredOutputManager
 
 _SEED_BOUND = 2**63
 
@@ -24,7 +26,10 @@ _SEED_BOUND = 2**63
 class Runner(Protocol):
     """What the engine needs from a model runner (``model_runner.ModelRunner``
     or a test fake). ``execute`` computes the scheduled chunks into the KV
-    cache and samples one token per ``samples`` flag."""
+    cache and samples one token per ``samples`` flag. A runner with a true
+    ``supports_constraints`` attribute samples a constrained request
+    (``Request.matcher``) only among the tokens its matcher allows; the
+    engine refuses constrained requests on any other runner."""
 
     num_blocks: int
     block_size: int
@@ -38,7 +43,8 @@ class Runner(Protocol):
 class EngineCore:
     """Token-in, token-out engine core.
 
-    Not thread-safe: one thread calls every method. Bad requests raise
+    Not thread-safe: one thread calls every method (but
+    ``prepare_constraint``). Bad requests raise
     ``InvalidRequestError`` (or a subclass) from ``add_request`` before
     anything is queued; the engine keeps serving the others.
     """
@@ -58,6 +64,9 @@ class EngineCore:
             ),
             self.pool,
         )
+        # Tokenizer and grammars for constrained requests, loaded on the first one.
+        self.structured = StructuredOutputManager(self._load_hf_tokenizer, runner.vocab_size,
+                                                  runner.eos_token_ids)
         # Seeds for unseeded requests: reproducible per engine seed.
         self._seed_rng = random.Random(engine_args.seed)
         self._num_steps = 0
@@ -90,11 +99,17 @@ class EngineCore:
         on where they stopped. ``num_remote_tokens`` > 0 means the KV of that
         many leading tokens is to be pulled from a remote pod (see
         ``Scheduler.finish_remote_kv``). ``prefill_only`` stops after the
-        first token and holds the blocks for a decoder.
+        first token and holds the blocks for a decoder. A constrained request
+        gets a matcher that has replayed ``output_token_ids`` (its grammar is
+        compiled here unless ``structured.prepare`` did it already).
         """
         params = sampling_params if sampling_params is not None else SamplingParams()
         if params.n != 1:
             raise InvalidRequestError(f"the engine core serves one sequence per request; got n={params.n}")
+        matcher = None
+        if params.constraint is not None:
+            self._check_constraints_supported()
+            matcher = self.structured.new_matcher(params.constraint, output_token_ids)
         request = Request(
             request_id=request_id,
             prompt_token_ids=list(prompt_token_ids),
@@ -108,9 +123,18 @@ class EngineCore:
         if arrival_time is not None:
             request.arrival_time = arrival_time
         request.token_ids.extend(output_token_ids)
+        request.matcher = matcher
         self.scheduler.add_request(request)
         self._prompt_tokens_total += request.num_prompt_tokens
         return request
+
+    def prepare_constraint(self, constraint: Constraint) -> None:
+        """Load the tokenizer and compile ``constraint`` ahead of
+        ``add_request`` -- the one method safe to call from any thread (a
+        service does so off the engine thread). Raises ``InvalidRequestError``
+        when it does not compile or this engine cannot serve constraints."""
+        self._check_constraints_supported()
+        self.structured.prepare(constraint)
 
     def abort_request(self, request_id: str) -> bool:
         """End a request at once, in any state, freeing its blocks."""
@@ -157,6 +181,17 @@ class EngineCore:
             generation_tokens_total=self._generation_tokens_total,
             num_finished_requests=self._num_finished,
         )
+
+    def _check_constraints_supported(self) -> None:
+        if not getattr(self.runner, "supports_constraints", False):
+            raise InvalidRequestError("this engine cannot serve constrained requests (structured outputs)")
+
+    def _load_hf_tokenizer(self) -> object:
+        from splitserve.engine.tokenizer import load_tokenizer
+
+        if not self.engine_args.model:
+            raise FileNotFoundError("the engine was built without a model folder")
+        return load_tokenizer(self.engine_args.model)
 
     def check_no_leaks(self) -> None:
         """Raise ``BlockLeakError`` unless no request holds any block (tests)."""

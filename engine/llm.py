@@ -50,6 +50,7 @@ class LLM:
     def _init(self, core: EngineCore, tokenizer: Any) -> None:
         self.engine_core = core
         self.tokenizer = tokenizer
+        core.structured.offer_tokenizer(tokenizer)  # constrained requests reuse it
         self._counter = itertools.count()
 
     def get_tokenizer(self) -> Any:
@@ -62,7 +63,9 @@ class LLM:
     ) -> list[RequestOutput]:
         """Generate for every prompt; returns one ``RequestOutput`` per prompt,
         in order. A prompt is a string (needs a tokenizer) or
-        ``{"prompt_token_ids": [...]}``."""
+        ``{"prompt_token_ids": [...]}``. ``SamplingParams.constraint``
+        (``splitserve.engine.structured.Constraint``) gives structured
+        outputs; a bad one raises ``InvalidRequestError`` here."""
         prompt_list = [prompts] if isinstance(prompts, (str, dict)) else list(prompts)
         if sampling_params is None:
             params_list = [SamplingParams()] * len(prompt_list)

@@ -18,6 +18,7 @@ from splitserve.engine.models.llama import LlamaForCausalLM
 from splitserve.engine.projection import can_pack_linears
 from splitserve.engine.sampler import Sampler, build_sampling_metadata
 from splitserve.engine.step_io import ModelRunnerOutput, SchedulerOutput
+from splitserve.engine.structured.bitmask import BitmaskFiller, PendingBitmask
 from splitserve.engine.tokenizer import eos_token_ids
 from splitserve.engine.weights import build_model, load_weights
 
@@ -39,7 +40,11 @@ class ModelRunner:
 
     ``kv_cache`` is the whole paged cache (KV transfer registers it once).
     ``execute`` is called by the engine core once per step, on one thread.
+    Constrained requests (``Request.matcher``) get their token masks filled
+    while the forward runs (``masks``) and applied before sampling.
     """
+
+    supports_constraints = True
 
     def __init__(self, model: LlamaForCausalLM, kv_cache: torch.Tensor, backend: AttentionBackend,
                  max_model_len: int, eos_token_ids: frozenset[int]) -> None:
@@ -53,6 +58,7 @@ class ModelRunner:
         self.vocab_size = model.config.vocab_size
         self.eos_token_ids = eos_token_ids
         self.sampler = Sampler()
+        self.masks = BitmaskFiller(self.device)
 
     def prepare_inputs(self, so: SchedulerOutput) -> StepInputs:
         """Token ids, positions, slot mapping and block tables for the step."""
@@ -116,12 +122,22 @@ class ModelRunner:
         if so.is_empty:
             return ModelRunnerOutput()
         inputs = self.prepare_inputs(so)
-        hidden = self.model(inputs.input_ids, inputs.positions, self.kv_cache, inputs.metadata, self.backend)
         sampling = [r for r, s in zip(so.requests, so.samples) if s]
+        constrained = [row for row, r in enumerate(sampling) if r.matcher is not None]
+        pending: PendingBitmask | None = None
+        if constrained:
+            pending = self.masks.start(constrained, [sampling[row].matcher for row in constrained])
+        try:
+            hidden = self.model(inputs.input_ids, inputs.positions, self.kv_cache, inputs.metadata, self.backend)
+        except BaseException:
+            if pending is not None:
+                pending.wait_quietly()  # the matchers must be idle before anyone touches them again
+            raise
         if not sampling:
             return ModelRunnerOutput()
         logits = self.model.compute_logits(hidden[inputs.sample_rows])
-        metadata = build_sampling_metadata(sampling, self.vocab_size, self.device)
+        bitmask = pending.result() if pending is not None else None
+        metadata = build_sampling_metadata(sampling, self.vocab_size, self.device, bitmask)
         result = self.sampler(logits, metadata)
         return ModelRunnerOutput(
             request_ids=[r.request_id for r in sampling],

@@ -11,9 +11,13 @@ from __future__ import annotations
 import enum
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from splitserve.engine.block_hash import BlockHash
 from splitserve.engine.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from splitserve.engine.structured.matcher import RequestMatcher
 
 
 class RequestStatus(enum.IntEnum):
@@ -68,6 +72,11 @@ class Request:
     request with ``num_remote_tokens > 0`` arrives with the KV of its first
     ``num_remote_tokens`` tokens on a remote pod; the scheduler parks it in
     ``WAITING_FOR_REMOTE_KV`` until the pull completes.
+
+    A constrained request (``sampling_params.constraint``) carries a
+    ``matcher`` that has consumed exactly its output tokens: the engine core
+    builds it at arrival (replaying output tokens made elsewhere) and
+    ``append_output_token`` advances it; it is dropped when the request ends.
     """
 
     request_id: str
@@ -92,6 +101,7 @@ class Request:
     # appended) and how many leading blocks are committed to the prefix cache.
     block_hashes: list[BlockHash] = field(default_factory=list)
     num_committed_blocks: int = 0
+    matcher: RequestMatcher | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         self.prompt_token_ids = list(self.prompt_token_ids)
@@ -121,13 +131,19 @@ class Request:
         self.token_ids.append(token_id)
         if logprobs is not None:
             self.logprobs.append(logprobs)
+        if self.matcher is not None:
+            self.matcher.accept(token_id)
 
     def check_stop(self, max_model_len: int) -> RequestStatus | None:
         """The finished status the last appended token causes, else None.
 
-        ``min_tokens`` holds back eos and stop tokens, never the length limits.
+        ``min_tokens`` holds back eos and stop tokens, never the length limits
+        nor a constraint that nothing can follow any more (a matcher in an
+        error state counts as such: it is logged by the matcher).
         """
         params = self.sampling_params
+        if self.matcher is not None and self.num_output_tokens > 0 and self.matcher.is_stopped():
+            return RequestStatus.FINISHED_STOPPED
         if self.num_output_tokens >= params.min_tokens and self.num_output_tokens > 0:
             last = self.token_ids[-1]
             if not params.ignore_eos and last in self.eos_token_ids:

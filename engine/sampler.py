@@ -1,8 +1,10 @@
 """Batched token sampling with position-keyed randomness.
 
-Order of operations (vLLM V1's): raw logprobs from the model's logits;
-min_tokens masks eos/stop ids; repetition (prompt + output tokens), frequency
-and presence (output tokens) penalties; greedy rows take the argmax; the others
+Order of operations (vLLM V1's): constrained rows' token bitmasks set the
+tokens their constraint refuses to -inf; raw logprobs from those logits;
+min_tokens masks eos/stop ids (never a constrained row's last allowed
+tokens); repetition (prompt + output tokens), frequency and presence (output
+tokens) penalties; greedy rows take the argmax; the others
 divide by temperature, apply min-p, then top-k and top-p, and draw by
 Gumbel-max with noise from ``random_keys`` keyed on (seed, output index).
 """
@@ -15,6 +17,7 @@ import torch
 
 from splitserve.engine.random_keys import gumbel_noise
 from splitserve.engine.request import Request, TokenLogprobs
+from splitserve.engine.structured.bitmask import TokenBitmask, apply_token_bitmask
 
 
 @dataclass(frozen=True)
@@ -43,6 +46,7 @@ class SamplingMetadata:
     penalties: Penalties | None
     banned: tuple[torch.Tensor, torch.Tensor] | None  # (rows, token ids) masked by min_tokens
     num_logprobs: tuple[int | None, ...]
+    token_bitmask: TokenBitmask | None = None  # constrained rows' allowed tokens
 
 
 @dataclass(frozen=True)
@@ -51,9 +55,10 @@ class SamplerOutput:
     logprobs: list[TokenLogprobs | None]
 
 
-def build_sampling_metadata(requests: Sequence[Request], vocab_size: int,
-                            device: torch.device) -> SamplingMetadata:
-    """Gather the sampling rows' parameters into tensors on ``device``."""
+def build_sampling_metadata(requests: Sequence[Request], vocab_size: int, device: torch.device,
+                            token_bitmask: TokenBitmask | None = None) -> SamplingMetadata:
+    """Gather the sampling rows' parameters into tensors on ``device``;
+    ``token_bitmask`` holds the masks of the constrained rows, if any."""
     params = [r.sampling_params for r in requests]
     greedy = [p.is_greedy for p in params]
     top_k = [p.top_k if 0 < p.top_k < vocab_size else vocab_size for p in params]
@@ -90,6 +95,7 @@ def build_sampling_metadata(requests: Sequence[Request], vocab_size: int,
         penalties=_penalties(requests, vocab_size, device) if any(p.has_penalties for p in params) else None,
         banned=banned,
         num_logprobs=tuple(p.logprobs for p in params),
+        token_bitmask=token_bitmask,
     )
 
 
@@ -124,11 +130,18 @@ class Sampler:
 
     def __call__(self, logits: torch.Tensor, metadata: SamplingMetadata) -> SamplerOutput:
         logits = logits.float()
+        if metadata.token_bitmask is not None:
+            logits = apply_token_bitmask(logits, metadata.token_bitmask)
         raw_logprobs = None
         if any(n is not None for n in metadata.num_logprobs):
             raw_logprobs = torch.log_softmax(logits, dim=-1)
         if metadata.banned is not None:
-            logits = logits.index_put(metadata.banned, torch.tensor(float("-inf"), device=logits.device))
+            banned = logits.index_put(metadata.banned, torch.tensor(float("-inf"), device=logits.device))
+            if metadata.token_bitmask is not None:
+                # A constraint that allows only eos/stop tokens wins over min_tokens.
+                dead = torch.isneginf(banned).all(dim=-1, keepdim=True)
+                banned = torch.where(dead, logits, banned)
+            logits = banned
         if metadata.penalties is not None:
             logits = apply_penalties(logits, metadata.penalties)
         tokens = logits.argmax(dim=-1)

@@ -5,6 +5,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from splitserve.engine.errors import InvalidRequestError
+from splitserve.engine.structured.constraint import Constraint
 
 _GREEDY_EPSILON = 1e-5
 
@@ -20,7 +21,13 @@ class SamplingParams:
     seed the engine draws one per request.
     ``logprobs`` is the number of top alternatives to return per output token
     (0 returns only the sampled token's logprob; ``None`` returns nothing).
-    Logprobs are computed from the raw model distribution, as vLLM does.
+    Logprobs are computed from the raw model distribution, as vLLM does
+    (under a ``constraint``: after its mask, as vLLM's).
+    ``constraint`` (structured outputs) restricts the output to a JSON
+    schema, regex, choice or grammar: each token is sampled among those that
+    keep the text a valid prefix, eos only once it is complete, and the
+    request stops ("stop") as soon as nothing else can follow. A mapping is
+    read as vLLM's ``structured_outputs`` field.
     """
 
     n: int = 1
@@ -38,6 +45,7 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int | None = None
     skip_special_tokens: bool = True
+    constraint: Constraint | None = None
 
     MAX_LOGPROBS = 20
 
@@ -45,6 +53,8 @@ class SamplingParams:
         self.stop_token_ids = list(self.stop_token_ids or [])
         if self.top_k == -1:
             self.top_k = 0
+        if isinstance(self.constraint, dict):
+            self.constraint = Constraint.from_structured_outputs(self.constraint)
         self.validate()
 
     @property
@@ -100,6 +110,8 @@ class SamplingParams:
                 isinstance(self.logprobs, int) and 0 <= self.logprobs <= self.MAX_LOGPROBS,
                 f"logprobs must be an integer in [0, {self.MAX_LOGPROBS}], got {self.logprobs!r}",
             )
+        _check(self.constraint is None or isinstance(self.constraint, Constraint),
+               f"constraint must be a structured.Constraint, got {type(self.constraint).__name__}")
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> SamplingParams:

@@ -369,6 +369,7 @@ class Scheduler:
 
     def _finish(self, request: Request, status: RequestStatus) -> None:
         request.status = status
+        request.matcher = None  # nothing samples for it again
         self._needs_kv_plan.discard(request.request_id)
         self._finished_ids.append(request.request_id)
         if status == RequestStatus.FINISHED_HANDED_OFF:

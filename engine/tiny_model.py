@@ -177,7 +177,9 @@ def write_tiny_model(out_dir: str | os.PathLike[str], spec: TinyModelSpec | None
     """Write the tiny checkpoint into ``out_dir`` (created; existing files replaced).
 
     The folder is assembled next to ``out_dir`` and renamed into place, so a
-    concurrent reader never sees half a checkpoint. Returns ``out_dir``.
+    concurrent reader never sees half a checkpoint. It is readable by every
+    uid (folder 0755, files 0644, whatever the umask): an image writes it as
+    root and serves it as another user. Returns ``out_dir``.
     """
     from safetensors.torch import save_file
 
@@ -194,6 +196,9 @@ def write_tiny_model(out_dir: str | os.PathLike[str], spec: TinyModelSpec | None
         save_file(random_weights(spec), str(tmp / "model.safetensors"), metadata={"format": "pt"})
         write_tokenizer(tmp)
         (tmp / "splitserve_tiny.json").write_text(json.dumps(asdict(spec), sort_keys=True) + "\n")
+        for path in tmp.iterdir():
+            path.chmod(0o644)
+        tmp.chmod(0o755)  # mkdtemp made it 0700
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)

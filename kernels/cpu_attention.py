@@ -3,9 +3,9 @@
 The torch path gathers every sequence's context into a dense copy per layer
 and step; on a CPU that copy (and its transpose) costs more than the
 attention math. The C kernel reads K/V blocks where they lie in the cache.
-``CPUPagedAttention.load()`` builds it on first use (``cpu_library``) and
-returns None (saying why in the log) when no compiler works; callers then
-keep the torch path.
+``CPUPagedAttention.load()`` loads a prebuilt library or builds it on first
+use (``cpu_library``) and returns None (saying why in the log) when neither
+works; callers then keep the torch path.
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from splitserve.kernels.cpu_library import build_library
+from splitserve.kernels.cpu_library import library_path
 
 logger = logging.getLogger(__name__)
 
@@ -59,9 +59,10 @@ class CPUPagedAttention:
 
     @classmethod
     def load(cls, cache_dir: Path | None = None) -> CPUPagedAttention | None:
-        """Build (once per source, flags and CPU) and load the kernel; None if it cannot be built."""
+        """Load a prebuilt library this CPU runs, else build (once per source, flags and CPU)
+        and load; None if neither works."""
         try:
-            return cls(ctypes.CDLL(str(build_library(cache_dir))))
+            return cls(ctypes.CDLL(str(library_path(cache_dir))))
         except (OSError, subprocess.CalledProcessError, FileNotFoundError) as exc:
             detail = getattr(exc, "stderr", None) or exc
             logger.warning("CPU attention kernel unavailable, using the torch path: %s", detail)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from splitserve.kernels.cpu_library import build_library
+from splitserve.kernels.cpu_library import library_path
 
 logger = logging.getLogger(__name__)
 
@@ -28,9 +28,10 @@ class CPULayerOps:
 
     @classmethod
     def load(cls, cache_dir: Path | None = None) -> CPULayerOps | None:
-        """Build (once) and load; None, with the reason logged, if it cannot be built."""
+        """Load a prebuilt library this CPU runs, else build (once) and load; None, with the
+        reason logged, if neither works."""
         try:
-            return cls(ctypes.CDLL(str(build_library(cache_dir))))
+            return cls(ctypes.CDLL(str(library_path(cache_dir))))
         except (OSError, subprocess.CalledProcessError, FileNotFoundError) as exc:
             logger.warning("CPU layer ops unavailable, using torch ops: %s", getattr(exc, "stderr", None) or exc)
             return None

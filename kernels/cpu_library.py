@@ -1,10 +1,20 @@
-"""Builds the CPU kernels' shared library (``cpu_*.c``, ``cpu_*.h``) on first use.
+"""Finds, or builds on first use, the CPU kernels' shared library (``cpu_*.c``, ``cpu_*.h``).
 
-The sources are compiled with the system C compiler (``$CC``, else ``cc``)
-into ``<cache dir>/cpu-kernels/``, keyed by the sources, the flags and this
-CPU's feature flags (the build uses ``-march=native``), so a shared home
-directory never hands one machine another's binary. Load it after torch so
-that its OpenMP runtime is torch's (same soname, so the loader reuses it).
+Two kinds of build live in ``<cache dir>/cpu-kernels/``:
+
+- **portable** (``splitserve_cpu-<level>-<key>.so``): one per ISA level of
+  ``cpu_isa`` (x86-64-v4/v3/v2, armv8-a), keyed by the sources and flags
+  only, so any CPU of that level finds it. ``build_portable`` makes them
+  (the container image does, into a read-only ``/opt/splitserve-cache``).
+- **native** (``splitserve_cpu-native-<key>.so``): ``-march=native``, keyed
+  also by the compiler's name and this CPU's feature flags, so a shared home
+  directory never hands one machine another's binary.
+
+``library_path`` (what the kernels' ``load()`` calls) takes a native build of
+this CPU if one exists, else the best portable level this CPU runs, and only
+when neither exists compiles the native build, which needs ``$CC`` (else
+``cc``) on PATH and a writable cache dir. Load the library after torch so that
+its OpenMP runtime is torch's (same soname, so the loader reuses it).
 
 Flags differ per source: the attention kernel may reassociate its sums
 (``-ffast-math``; its results are compared with a tolerance), the layer ops
@@ -15,53 +25,80 @@ from __future__ import annotations
 
 import hashlib
 import os
-import platform
 import shutil
 import subprocess
 import tempfile
 from pathlib import Path
 
+from splitserve.kernels.cpu_isa import CpuInfo, IsaLevel, best_levels_for, portable_levels
+
 _HERE = Path(__file__).parent
-COMMON_FLAGS = ("-O3", "-march=native", "-fopenmp", "-fPIC", "-std=c11")
+NATIVE = "native"
+COMMON_FLAGS = ("-O3", "-fopenmp", "-fPIC", "-std=c11")
 SOURCES = {
     "cpu_paged_attention.c": ("-ffast-math",),
     "cpu_layer_ops.c": ("-ffp-contract=off", "-fno-fast-math"),
 }
 
 
-def build_library(cache_dir: Path | None = None) -> Path:
-    """Compile the sources unless this sources/flags/CPU's build exists;
-    returns the shared library's path. Building in a private temp dir and
-    renaming makes concurrent builds (pods starting together) safe. Raises
+def library_path(cache_dir: Path | None = None, cpu: CpuInfo | None = None) -> Path:
+    """A build this CPU runs: present native, else present portable (best
+    level first), else a fresh native build. Raises FileNotFoundError when
+    nothing is built and there is no compiler, CalledProcessError on a failed
+    build, OSError when the cache dir is not writable."""
+    found = find_library(cache_dir, cpu)
+    return found if found is not None else build_library(cache_dir)
+
+
+def find_library(cache_dir: Path | None = None, cpu: CpuInfo | None = None) -> Path | None:
+    """The already-built library ``library_path`` would take, or None; needs no compiler."""
+    cpu = cpu or CpuInfo.current()
+    root = _root(cache_dir)
+    candidates = [root / _file_name(NATIVE, _native_key(_compiler(), cpu))]
+    candidates += [root / _file_name(level.name, _portable_key(level)) for level in best_levels_for(cpu)]
+    return next((path for path in candidates if path.exists()), None)
+
+
+def build_library(cache_dir: Path | None = None, level: IsaLevel | None = None) -> Path:
+    """Compile the native build (``level`` None) or a portable ``level`` unless
+    it exists; returns its path. Never loads or runs what it compiles, so any
+    level of this ISA builds here. Building in a private temp dir and renaming
+    makes concurrent builds (pods starting together) safe. Raises
     FileNotFoundError without a compiler, CalledProcessError on a failed build."""
-    compiler = os.environ.get("CC") or "cc"
-    if shutil.which(compiler) is None:
-        raise FileNotFoundError(f"no C compiler ({compiler}) on PATH")
-    parts = [compiler.encode(), " ".join(COMMON_FLAGS).encode(), platform.machine().encode(), _cpu_flags()]
-    for name, flags in SOURCES.items():
-        parts += [name.encode(), " ".join(flags).encode(), (_HERE / name).read_bytes()]
-    for header in sorted(_HERE.glob("*.h")):
-        parts += [header.name.encode(), header.read_bytes()]
-    key = hashlib.sha256(b"\0".join(parts)).hexdigest()[:16]
-    root = (cache_dir or default_cache_dir()) / "cpu-kernels"
-    target = root / f"splitserve_cpu-{key}.so"
+    compiler = _compiler()
+    if level is None:
+        target = _root(cache_dir) / _file_name(NATIVE, _native_key(compiler, CpuInfo.current()))
+        march = "-march=native"
+    else:
+        target = _root(cache_dir) / _file_name(level.name, _portable_key(level))
+        march = level.march
     if target.exists():
         return target
-    root.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=root) as work:
+    if shutil.which(compiler) is None:
+        raise FileNotFoundError(f"no C compiler ({compiler}) on PATH and no prebuilt CPU kernels in {target.parent}")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as work:
         objects = []
         for name, flags in SOURCES.items():
             obj = str(Path(work) / (name + ".o"))
-            _compile([compiler, *COMMON_FLAGS, *flags, "-c", str(_HERE / name), "-o", obj])
+            _compile([compiler, *COMMON_FLAGS, march, *flags, "-c", str(_HERE / name), "-o", obj])
             objects.append(obj)
-        linked = str(Path(work) / "lib.so")
-        _compile([compiler, "-shared", "-fopenmp", *objects, "-o", linked, "-lm"])
+        linked = Path(work) / "lib.so"
+        _compile([compiler, "-shared", "-fopenmp", *objects, "-o", str(linked), "-lm"])
+        linked.chmod(0o755)  # readable by other uids: an image builds as root, runs as uid 1000
         os.replace(linked, target)
     return target
 
 
-def _compile(command: list[str]) -> None:
-    subprocess.run(command, check=True, capture_output=True, text=True, timeout=120)
+def build_portable(cache_dir: Path | None = None, machine: str | None = None) -> list[Path]:
+    """Build every portable level of this ISA (the image build calls this);
+    returns their paths, best level first. Raises as ``build_library``, and
+    ValueError for an ISA without portable levels."""
+    levels = portable_levels(machine)
+    if not levels:
+        raise ValueError(f"no portable CPU kernel levels for {machine or CpuInfo.current().machine}; "
+                         f"only the native build exists there")
+    return [build_library(cache_dir, level) for level in levels]
 
 
 def default_cache_dir() -> Path:
@@ -72,11 +109,38 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "splitserve"
 
 
-def _cpu_flags() -> bytes:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return line.encode()
-    except OSError:
-        pass
-    return platform.processor().encode()
+def _root(cache_dir: Path | None) -> Path:
+    return (cache_dir or default_cache_dir()) / "cpu-kernels"
+
+
+def _compiler() -> str:
+    return os.environ.get("CC") or "cc"
+
+
+def _file_name(level_name: str, key: str) -> str:
+    return f"splitserve_cpu-{level_name}-{key}.so"
+
+
+def _source_parts() -> list[bytes]:
+    parts = [" ".join(COMMON_FLAGS).encode()]
+    for name, flags in SOURCES.items():
+        parts += [name.encode(), " ".join(flags).encode(), (_HERE / name).read_bytes()]
+    for header in sorted(_HERE.glob("*.h")):
+        parts += [header.name.encode(), header.read_bytes()]
+    return parts
+
+
+def _portable_key(level: IsaLevel) -> str:
+    return _digest([level.isa.encode(), level.march.encode(), *_source_parts()])
+
+
+def _native_key(compiler: str, cpu: CpuInfo) -> str:
+    return _digest([compiler.encode(), b"-march=native", cpu.machine.encode(), cpu.flags_line, *_source_parts()])
+
+
+def _digest(parts: list[bytes]) -> str:
+    return hashlib.sha256(b"\0".join(parts)).hexdigest()[:16]
+
+
+def _compile(command: list[str]) -> None:
+    subprocess.run(command, check=True, capture_output=True, text=True, timeout=120)

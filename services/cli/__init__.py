@@ -19,6 +19,10 @@ COMMAND_MODULES = (
     "splitserve.cli.model_command",
     "splitserve.cli.router_command",
     "splitserve.cli.serve_command",
+    "splitserve.cli.kernels_command",
+    "splitserve.cli.scale_command",
+    "splitserve.cli.rollout_command",
+    "splitserve.cli.status_command",
 )
 
 

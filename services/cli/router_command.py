@@ -5,6 +5,7 @@ import argparse
 import asyncio
 import logging
 
+from splitserve.router.discovery import DISCOVERY_KINDS
 from splitserve.router.policies import PREFILL_POLICIES
 
 
@@ -16,16 +17,44 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "router", help="run the OpenAI router in front of running pods",
         description=("Serve the OpenAI API (chat, completions, models) and route each request "
-                     "to prefill + decode pods (or unified pods) over gRPC. The API key comes "
+                     "to prefill + decode pods (or unified pods) over gRPC. Pods come from one "
+                     "discovery source and may join and leave while it serves. The API key comes "
                      "from SPLITSERVE_API_KEY; unset, the API is open."))
     parser.add_argument("--model", required=True,
                         help="Hugging Face model folder (tokenizer, chat template, config.json)")
-    parser.add_argument("--prefill", type=_addresses, default=(), metavar="HOST:PORT[,...]",
-                        help="prefill pods' gRPC addresses")
-    parser.add_argument("--decode", type=_addresses, default=(), metavar="HOST:PORT[,...]",
-                        help="decode pods' gRPC addresses")
-    parser.add_argument("--unified", type=_addresses, default=(), metavar="HOST:PORT[,...]",
-                        help="unified pods' gRPC addresses (instead of --prefill/--decode)")
+    pods = parser.add_argument_group("pods (discovery)")
+    pods.add_argument("--discovery", default="static", choices=DISCOVERY_KINDS,
+                      help="where pods come from: static (the address flags), file (--discovery-file), "
+                           "dns (headless Service names), kubernetes (EndpointSlices); default static")
+    pods.add_argument("--prefill", type=_addresses, default=(), metavar="HOST:PORT[,...]",
+                      help="static: prefill pods' gRPC addresses")
+    pods.add_argument("--decode", type=_addresses, default=(), metavar="HOST:PORT[,...]",
+                      help="static: decode pods' gRPC addresses")
+    pods.add_argument("--unified", type=_addresses, default=(), metavar="HOST:PORT[,...]",
+                      help="static: unified pods' gRPC addresses (instead of --prefill/--decode)")
+    pods.add_argument("--discovery-file", default=None, metavar="PATH",
+                      help='file: JSON {"version": 1, "pods": [{"role", "address", "state"}]}, '
+                           "re-read on change (polled every 0.2 s)")
+    for role in ("prefill", "decode", "unified"):
+        pods.add_argument(f"--{role}-service", default=None, metavar="NAME",
+                          help=f"kubernetes: the {role} pods' headless Service; dns: its HOST:PORT")
+    pods.add_argument("--namespace", default=None,
+                      help="kubernetes: the Services' namespace (default: the router pod's own, else default)")
+    pods.add_argument("--grpc-port-name", default="grpc",
+                      help="kubernetes: the EndpointSlice port of the pods' gRPC (default grpc)")
+    pods.add_argument("--reconcile-seconds", type=float, default=30.0,
+                      help="full re-list (kubernetes) or re-read (file) period, so a missed change "
+                           "cannot leave a ghost pod (default 30)")
+    scale = parser.add_argument_group("scaling and shutdown")
+    scale.add_argument("--scaler-port", type=int, default=0,
+                       help="serve KEDA's external scaler gRPC on this port (0: off, the default)")
+    scale.add_argument("--max-queued-requests", type=int, default=256,
+                       help="requests held while no pod can take them, e.g. a pool at zero (default 256; "
+                            "more get 503 with Retry-After)")
+    scale.add_argument("--queue-timeout-seconds", type=float, default=60.0,
+                       help="longest a request waits in that queue before a 503 (default 60)")
+    scale.add_argument("--shutdown-grace-seconds", type=float, default=30.0,
+                       help="on SIGTERM, how long open streams may run before they are cut (default 30)")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--policy", default="kv_affinity", choices=PREFILL_POLICIES,
@@ -49,22 +78,31 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from splitserve.router.discovery import DiscoveryConfig
     from splitserve.router.server import RouterConfig, serve
 
     logging.basicConfig(level=args.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
+        discovery = DiscoveryConfig(
+            kind=args.discovery, prefill=args.prefill, decode=args.decode, unified=args.unified,
+            file=args.discovery_file, prefill_service=args.prefill_service,
+            decode_service=args.decode_service, unified_service=args.unified_service,
+            namespace=args.namespace, grpc_port_name=args.grpc_port_name,
+            reconcile_s=args.reconcile_seconds)
         config = RouterConfig(
-            model=args.model, prefill=args.prefill, decode=args.decode, unified=args.unified,
+            model=args.model, discovery=discovery,
             host=args.host, port=args.port, policy=args.policy, load_factor=args.load_factor,
             pd_threshold_tokens=args.pd_threshold_tokens, block_size=args.block_size,
             served_model_names=tuple(args.served_model_name or ()),
             max_prompt_tokens=args.max_prompt_tokens, max_tokens_limit=args.max_tokens_limit,
-            poll_interval_s=args.poll_interval)
+            poll_interval_s=args.poll_interval, scaler_port=args.scaler_port,
+            max_queued_requests=args.max_queued_requests, queue_timeout_s=args.queue_timeout_seconds,
+            shutdown_grace_s=args.shutdown_grace_seconds)
     except ValueError as exc:
         raise SystemExit(f"splitserve router: {exc}") from None
     try:
         asyncio.run(serve(config))
-    except (FileNotFoundError, OSError, ValueError) as exc:
+    except (OSError, ValueError, RuntimeError) as exc:  # bad model dir, port taken, no cluster config
         raise SystemExit(f"splitserve router: {exc}") from None
     return 0

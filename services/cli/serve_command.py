@@ -1,4 +1,4 @@
-"""``splitserve serve prefill|decode|unified``: run one engine pod."""
+"""``splitserve serve prefill|decode|unified``: run one engine pod (``serve sim``: simulated pods)."""
 from __future__ import annotations
 
 import argparse
@@ -6,13 +6,14 @@ import argparse
 from splitserve.engine.engine_args import EngineArgs
 from splitserve.pod.config import PodConfig
 from splitserve.pod.messages import Role
+from splitserve.sim.cli_args import add_sim_args, run_sim
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     d = PodConfig(Role.UNIFIED)
     p = subparsers.add_parser("serve", help="run one engine pod (prefill, decode or unified)",
                               description="Serve the splitserve.v1.Engine gRPC API plus /health and /metrics.")
-    p.add_argument("role", choices=[r.value for r in Role])
+    p.add_argument("role", choices=[r.value for r in Role] + ["sim"])
     p.add_argument("--host", default=d.host, help="bind address of gRPC and HTTP")
     p.add_argument("--port", type=int, default=d.port, help="gRPC port")
     p.add_argument("--http-port", type=int, default=d.http_port, help="HTTP port (/health, /metrics)")
@@ -31,10 +32,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--shutdown-grace-seconds", type=float, default=d.shutdown_grace_seconds,
                    help="on SIGTERM, let running requests finish this long before aborting them")
     EngineArgs.add_cli_args(p)
+    add_sim_args(p)
     p.set_defaults(handler=_run)
 
 
 def _run(args: argparse.Namespace) -> int:
+    if args.role == "sim":
+        return run_sim(args)
     from splitserve.pod.server import serve
 
     try:

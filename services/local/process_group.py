@@ -41,6 +41,10 @@ class ManagedProcess:
     def is_running(self) -> bool:
         return self.popen.poll() is None
 
+    @property
+    def returncode(self) -> int | None:
+        return self.popen.poll()
+
 
 @dataclass
 class ProcessGroup:
@@ -77,6 +81,20 @@ class ProcessGroup:
 
     def first_exited(self) -> ManagedProcess | None:
         return next((p for p in self.processes if not p.is_running()), None)
+
+    def signal(self, process: ManagedProcess, sig: signal.Signals) -> None:
+        """Send ``sig`` to one child's process group (SIGTERM: drain; SIGKILL)."""
+        if process.is_running():
+            _signal_group(process, sig)
+
+    def reap(self) -> list[ManagedProcess]:
+        """Children that exited since the last call, removed from the group
+        (anything they left in their process group is killed)."""
+        gone = [p for p in self.processes if not p.is_running()]
+        for process in gone:
+            _signal_group(process, signal.SIGKILL)
+            self.processes.remove(process)
+        return gone
 
     def stop_all(self, grace_seconds: float = 10.0) -> None:
         """SIGTERM every child's process group, wait, then SIGKILL stragglers."""

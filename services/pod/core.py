@@ -48,6 +48,7 @@ class _Active:
     kind: str
     abort: asyncio.Event = field(default_factory=asyncio.Event)
     pulling: bool = False
+    drained: bool = False  # aborted by the drain: end with UNAVAILABLE, never a normal finish
 
 
 class PodCore:
@@ -103,8 +104,12 @@ class PodCore:
             raise failed_precondition(f"a {self.role.value} pod does not serve Prefill; send it to a prefill pod")
         active = self._begin(request_id, "prefill")
         try:
-            return await handler.prefill(request_id, token_ids, sampling, cache_salt, active.abort,
-                                         RequestTimer(self.metrics))
+            result = await handler.prefill(request_id, token_ids, sampling, cache_salt, active.abort,
+                                           RequestTimer(self.metrics))
+            if active.drained and result.kv_handle is None and result.finish_reason == "abort":
+                raise unavailable(f"this pod shut down before the prefill of {request_id!r} ended; "
+                                  "retry on another pod")
+            return result
         finally:
             self._end(request_id)
 
@@ -168,6 +173,10 @@ class PodCore:
                 if out.new_token_ids:
                     yield DecodeChunk(list(out.new_token_ids), list(out.new_logprobs))
                 if out.finished:
+                    if active.drained and out.finish_reason in (None, "abort"):
+                        # Not a finish: the router re-submits prompt + tokens so far elsewhere.
+                        raise unavailable(f"this pod shut down before {request_id!r} finished; "
+                                          "continue on another pod")
                     finished = True
                     timer.on_finish(out.finish_reason)
                     yield DecodeFinished(out.finish_reason or "abort", out.num_prompt_tokens,
@@ -211,19 +220,33 @@ class PodCore:
     # -- lifetime --------------------------------------------------------------
 
     async def drain(self, grace_seconds: float) -> None:
-        """Refuse new calls (UNAVAILABLE), let running ones finish for up to
-        ``grace_seconds``, then abort the rest and wait for them to end."""
+        """The pod got SIGTERM (``PodServer`` calls this once /health already
+        says "draining"). New Prefill/Decode calls are refused at once
+        (UNAVAILABLE); running ones get ``grace_seconds``; whatever still runs
+        then ends with UNAVAILABLE, never a normal finish, so the router moves
+        it to another pod (a Decode continues there with prompt + tokens so far).
+
+        A prefill pod then keeps serving ClaimKV, ReleaseKV, the handshake and
+        the READs of every lease it granted until each is released or expires
+        (at most ``kv_lease_seconds + kv_claim_timeout_s``). Returns when
+        nothing is left; ``close`` frees whatever a timeout left behind."""
         self.draining = True
-        try:
-            await asyncio.wait_for(self._idle.wait(), timeout=grace_seconds)
-        except asyncio.TimeoutError:
-            logger.warning("aborting %d request(s) still running after %.0fs", len(self._active), grace_seconds)
-            for request_id in list(self._active):
+        if not await _wait(self._idle, grace_seconds):
+            logger.warning("ending %d call(s) still running after %.1fs with UNAVAILABLE",
+                           len(self._active), grace_seconds)
+            for request_id, active in list(self._active.items()):
+                active.drained = True
                 self.abort(request_id)
-            try:
-                await asyncio.wait_for(self._idle.wait(), timeout=self.config.kv_transfer_timeout_s + 5)
-            except asyncio.TimeoutError:
-                logger.error("%d request(s) did not end after abort", len(self._active))
+            if not await _wait(self._idle, self.config.kv_transfer_timeout_s + 5):
+                logger.error("%d call(s) did not end after abort", len(self._active))
+        if self.prefill_handler is not None:
+            leases = self.prefill_handler.leases
+            bound = self.config.kv_lease_seconds + self.config.kv_claim_timeout_s
+            if len(leases.table):
+                logger.info("serving %d granted KV lease(s) until released or expired (at most %.0fs)",
+                            len(leases.table), bound)
+            if not await leases.wait_released(bound + 1.0):
+                logger.error("%d KV lease(s) still held after %.0fs; freeing them", len(leases.table), bound)
 
     async def close(self) -> None:
         """Release leases, stop the engine thread, close the transport."""
@@ -258,3 +281,12 @@ class PodCore:
         self._active.pop(request_id, None)
         if not self._active:
             self._idle.set()
+
+
+async def _wait(event: asyncio.Event, timeout: float) -> bool:
+    """``event.wait()`` for at most ``timeout`` seconds; False if it timed out."""
+    try:
+        await asyncio.wait_for(event.wait(), timeout=timeout)
+    except asyncio.TimeoutError:
+        return False
+    return True

@@ -1,4 +1,5 @@
-"""A pod's HTTP side: ``/health`` for probes and ``/metrics`` for Prometheus."""
+"""A pod's HTTP side: ``/health`` (readiness), ``/live`` (liveness) and
+``/metrics`` for Prometheus."""
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -10,13 +11,20 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 
 def create_pod_http_app(health: Callable[[], str], registry: CollectorRegistry) -> FastAPI:
     """``health()`` returns "ok" when serving, anything else (e.g. "starting",
-    "draining") answers 503 so readiness probes take the pod out of rotation."""
+    "draining") answers 503 on ``/health`` so readiness probes take the pod
+    out of rotation. ``/live`` answers 200 whenever this server runs, also
+    while draining, so a liveness probe never kills a pod that is finishing
+    its streams and leases."""
     app = FastAPI(title="splitserve pod", docs_url=None, redoc_url=None, openapi_url=None)
 
     @app.get("/health")
     def get_health() -> JSONResponse:
         status = health()
         return JSONResponse({"status": status}, status_code=200 if status == "ok" else 503)
+
+    @app.get("/live")
+    def get_live() -> JSONResponse:
+        return JSONResponse({"status": health()}, status_code=200)
 
     @app.get("/metrics")
     def get_metrics() -> Response:

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+from splitserve.engine.errors import InvalidRequestError
 from splitserve.engine.request import TokenLogprobs
 from splitserve.engine.sampling_params import SamplingParams
+from splitserve.engine.structured.constraint import Constraint, ConstraintKind
 from splitserve.proto import splitserve_v1_pb2 as pb
 
 _FINISH_REASONS = {
@@ -37,6 +39,8 @@ def sampling_to_proto(params: SamplingParams) -> pb.SamplingParams:
         message.seed = params.seed
     if params.logprobs is not None:
         message.logprobs = params.logprobs
+    if params.constraint is not None:
+        message.constraint.CopyFrom(constraint_to_proto(params.constraint))
     return message
 
 
@@ -57,6 +61,40 @@ def sampling_from_proto(message: pb.SamplingParams) -> SamplingParams:
         stop_token_ids=list(message.stop_token_ids),
         ignore_eos=message.ignore_eos,
         logprobs=message.logprobs if message.HasField("logprobs") else None,
+        constraint=constraint_from_proto(message.constraint) if message.HasField("constraint") else None,
+    )
+
+
+def constraint_to_proto(constraint: Constraint) -> pb.Constraint:
+    message = pb.Constraint(disable_any_whitespace=constraint.disable_any_whitespace,
+                            disable_additional_properties=constraint.disable_additional_properties)
+    if constraint.whitespace_pattern is not None:
+        message.whitespace_pattern = constraint.whitespace_pattern
+    if constraint.kind is ConstraintKind.CHOICE:
+        message.choice.choices.extend(constraint.spec)
+    elif constraint.kind is ConstraintKind.JSON_OBJECT:
+        message.json_object = True
+    else:
+        setattr(message, constraint.kind.value, constraint.spec)
+    return message
+
+
+def constraint_from_proto(message: pb.Constraint) -> Constraint:
+    """Raise ``InvalidRequestError`` (from Constraint) on a malformed one."""
+    kind = message.WhichOneof("kind")
+    if kind is None:
+        raise InvalidRequestError("a constraint needs one of json_schema, regex, choice, grammar, json_object")
+    spec: str | tuple[str, ...] = ""
+    if kind == "choice":
+        spec = tuple(message.choice.choices)
+    elif kind in ("json_schema", "regex", "grammar"):
+        spec = getattr(message, kind)
+    return Constraint(
+        ConstraintKind(kind),
+        spec,
+        disable_any_whitespace=message.disable_any_whitespace,
+        disable_additional_properties=message.disable_additional_properties,
+        whitespace_pattern=message.whitespace_pattern if message.HasField("whitespace_pattern") else None,
     )
 
 

@@ -25,10 +25,12 @@ logger = logging.getLogger("splitserve.pod")
 
 
 class PodServer:
-    """``run()`` serves until a signal (or ``request_stop``), then drains:
-    /health says "draining" and new RPCs get UNAVAILABLE; in-flight requests
-    get ``shutdown_grace_seconds`` to finish, the rest are aborted; leases are
-    released, the engine thread stops, NIXL is closed."""
+    """``run()`` serves until SIGTERM/SIGINT (or ``request_stop``), then
+    drains by role (``PodCore.drain``): /health says "draining" at once (503,
+    /live stays 200), new Prefill/Decode get UNAVAILABLE, running calls get
+    ``shutdown_grace_seconds`` and the rest end with UNAVAILABLE; a prefill pod
+    keeps serving the leases it granted until released or expired. Then the
+    gRPC server stops, the engine thread stops, NIXL is closed; exit code 0."""
 
     def __init__(self, config: PodConfig, engine_args: EngineArgs) -> None:
         self.config = config
@@ -65,7 +67,7 @@ class PodServer:
         self.status = "ok"
         await self._stop.wait()
         self.status = "draining"
-        logger.info("draining (grace %.0fs)", self.config.shutdown_grace_seconds)
+        logger.info("draining (grace %.1fs)", self.config.shutdown_grace_seconds)
         await core.drain(self.config.shutdown_grace_seconds)
         await server.stop(1.0)
         await core.close()

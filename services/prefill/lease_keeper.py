@@ -45,6 +45,7 @@ class LeaseKeeper:
         # (a READ waited up to one poll interval): poll fast until released.
         self._claimed_poll_interval_s = claimed_poll_interval_s
         self._wake = asyncio.Event()
+        self._dropped = asyncio.Event()  # set whenever a lease goes (released or expired)
         self._task: asyncio.Task[None] | None = None
         self._lease_ids: set[str] = set()  # LeaseTable lists no ids
 
@@ -82,6 +83,22 @@ class LeaseKeeper:
             return False
         self._lease_ids.discard(request_id)
         self.engine.release_held_blocks(request_id)
+        self._dropped.set()
+        return True
+
+    async def wait_released(self, timeout_s: float) -> bool:
+        """Until no lease is held (each released by its decoder or an abort,
+        or expired by the sweep); False if ``timeout_s`` passed first. The
+        drain of a prefill pod calls this while it keeps serving ClaimKV."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        while len(self.table):
+            self._dropped.clear()
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                return False
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._dropped.wait(), remaining)
         return True
 
     def sweep(self) -> None:
@@ -96,6 +113,7 @@ class LeaseKeeper:
             self._lease_ids.discard(request_id)
             logger.info("KV lease of %s expired; freeing its blocks", request_id)
             self.engine.release_held_blocks(request_id)
+            self._dropped.set()
 
     async def _run(self) -> None:
         while True:

@@ -21,6 +21,7 @@ from pydantic import BaseModel, ValidationError
 from splitserve.router.errors import OpenAIError, bad_request, body_too_large, unauthorized
 from splitserve.router.metrics import CONTENT_TYPE
 from splitserve.router.protocol import ChatCompletionRequest, CompletionRequest
+from splitserve.router.request_queue import ClientGone, RequestQueue
 from splitserve.router.serving import OpenAIServing
 from splitserve.router.settings import RouterSettings
 
@@ -30,13 +31,16 @@ _SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
 def create_app(serving: OpenAIServing, settings: RouterSettings | None = None,
-               ready: Callable[[], bool] | None = None) -> FastAPI:
+               ready: Callable[[], bool] | None = None, admission: RequestQueue | None = None) -> FastAPI:
     """Build the OpenAI-compatible app on ``serving``.
 
     ``settings`` default to ``serving.settings``. ``/health`` and ``/metrics``
     are open; every ``/v1`` route requires ``Authorization: Bearer <key>``
     when ``settings.api_key`` is set. ``/health`` answers 503 while
     ``ready()`` is false (e.g. no pod of a needed role answers yet).
+    ``admission`` (optional) holds a validated request until a pod can take
+    it, before any response starts; its refusals are 503s with
+    ``Retry-After``, and a client gone while queued frees its slot.
     """
     settings = settings or serving.settings
     app = FastAPI(title="splitserve router", docs_url=None, redoc_url=None)
@@ -46,7 +50,7 @@ def create_app(serving: OpenAIServing, settings: RouterSettings | None = None,
 
     @app.exception_handler(OpenAIError)
     async def _openai_error(_: Request, exc: OpenAIError) -> JSONResponse:
-        return JSONResponse(exc.body(), status_code=exc.status_code)
+        return JSONResponse(exc.body(), status_code=exc.status_code, headers=exc.headers)
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
@@ -82,7 +86,7 @@ def create_app(serving: OpenAIServing, settings: RouterSettings | None = None,
         authorize(request)
         body = await _parse(request, ChatCompletionRequest, settings.max_request_body_bytes)
         inp = serving.chat_input(body, arrival)
-        return await _respond(serving, inp)
+        return await _admit_and_respond(serving, admission, inp, request)
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
@@ -90,9 +94,27 @@ def create_app(serving: OpenAIServing, settings: RouterSettings | None = None,
         authorize(request)
         body = await _parse(request, CompletionRequest, settings.max_request_body_bytes)
         inp = serving.completion_input(body, arrival)
-        return await _respond(serving, inp)
+        return await _admit_and_respond(serving, admission, inp, request)
 
     return app
+
+
+async def _admit_and_respond(serving: OpenAIServing, admission: RequestQueue | None, inp: Any,
+                             request: Request) -> Response:
+    if admission is not None:
+        tokens = sum(len(p) for p in inp.prompts) * inp.sampling_params.n
+        try:
+            await admission.admit(tokens, inp.arrival_time, lambda: _disconnected(request))
+        except ClientGone:
+            return Response(status_code=499)  # nobody reads it: the client left while queued
+    return await _respond(serving, inp)
+
+
+async def _disconnected(request: Request) -> None:
+    """Return when the client hangs up (the body is already read, so the
+    next ASGI message is the disconnect)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 async def _respond(serving: OpenAIServing, inp: Any) -> Response:

@@ -11,12 +11,14 @@ from typing import Any
 
 @dataclass
 class OpenAIError(Exception):
-    """An error answered as ``{"error": {message, type, param, code}}``."""
+    """An error answered as ``{"error": {message, type, param, code}}``
+    (``headers``: extra HTTP headers, e.g. ``Retry-After``)."""
 
     message: str
     status_code: int = 400
     type: str = "BadRequestError"
     param: str | None = None
+    headers: dict[str, str] | None = None
 
     def __post_init__(self) -> None:
         super().__init__(self.message)
@@ -50,3 +52,10 @@ def internal_error(message: str) -> OpenAIError:
 
 def service_unavailable(message: str) -> OpenAIError:
     return OpenAIError(message, 503, "ServiceUnavailableError")
+
+
+def try_again_later(message: str, retry_after_s: int) -> OpenAIError:
+    """A 503 that tells the client when to retry (the router's queue is full,
+    a queued request timed out, or the router is shutting down)."""
+    return OpenAIError(message, 503, "ServiceUnavailableError",
+                       headers={"Retry-After": str(max(1, int(retry_after_s)))})

@@ -1,7 +1,7 @@
 """All Prometheus metrics of the router, in one registry per app."""
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client import CONTENT_TYPE_LATEST
 
 _LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5,
@@ -16,7 +16,10 @@ class RouterMetrics:
 
     Label sets are bounded: ``endpoint`` (chat, completions), ``status``
     (success, stopped, error class), ``policy``, ``pod`` (ready pods), ``role``
-    (prefill, decode), ``path`` (the orchestrator's P/D paths).
+    and ``pool`` (prefill, decode, unified), ``path`` (the orchestrator's P/D
+    paths), ``state`` (ready, draining, not_ready), ``source`` (the discovery
+    source: static, file, dns, kubernetes), ``kind`` (added, draining, ready,
+    removed).
     """
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
@@ -68,6 +71,33 @@ class RouterMetrics:
             "splitserve:pd_decisions_total",
             "How requests were served: disaggregated, unified, recompute fallback...",
             ["path"], registry=r)
+        self.router_pods = Gauge(
+            "splitserve:router_pods",
+            "Pods the router knows, by pool and state (ready: routed to; draining: finishing "
+            "its work; not_ready: its GetLoad has not answered).", ["pool", "state"], registry=r)
+        self.discovery_events = Counter(
+            "splitserve:discovery_events_total",
+            "Membership changes applied from the discovery source.", ["source", "kind"], registry=r)
+        self.discovery_repairs = Counter(
+            "splitserve:discovery_repairs_total",
+            "Changes only the periodic full list found (a watch event was missed).",
+            ["source"], registry=r)
+        self.discovery_errors = Counter(
+            "splitserve:discovery_errors_total",
+            "Failed discovery reads (unreachable, garbage); the last good view is kept.",
+            ["source"], registry=r)
+        self.queued_requests = Gauge(
+            "splitserve:router_queued_requests",
+            "Requests the router holds until a pod of the pool is ready (scale from zero).",
+            ["pool"], registry=r)
+        self.queue_wait = Histogram(
+            "splitserve:router_queue_wait_seconds",
+            "Time requests spent in the router's queue, whatever the outcome.",
+            buckets=_LATENCY_BUCKETS + (120.0, 300.0), registry=r)
+        self.scaler_metric_value = Gauge(
+            "splitserve:scaler_metric_value",
+            "The value last reported to KEDA per pool (prefill: backlog seconds; decode and "
+            "unified: load units, 1 = one full pod).", ["pool"], registry=r)
 
     def observe_routing(self, role: str, policy: str, pod: str,
                         matched_blocks: int, prompt_blocks: int) -> None:

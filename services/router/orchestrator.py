@@ -11,6 +11,13 @@ Per request (one choice): resolve its seed, pick pods with ``PodRouter``, then
   it; a transfer would cost more than it saves);
 - **unified**: unified pods, Decode without a handle.
 
+The pod set changes while requests run (discovery): each RPC holds its pod's
+channel (``PodChannels.hold``) so a pod that leaves finishes what it runs,
+and a pod gone between routing and the call counts as UNAVAILABLE (retried
+on another pod). Without ``config.unified`` the path is chosen per request:
+P/D while a decode pod is ready, else the ``unified`` pool when it has a
+ready pod.
+
 Failures: Prefill failing before the handoff is retried on another prefill
 pod (bounded), then falls back to decode_only; a Decode stream lost mid-way is
 re-submitted (prompt + tokens so far) to another pod, and the position-keyed
@@ -21,9 +28,11 @@ from __future__ import annotations
 
 import asyncio
 import secrets
-from collections.abc import AsyncIterator, Callable, Collection, Mapping
-from contextlib import aclosing
+import time
+from collections.abc import AsyncIterator, Callable, Collection, Iterator, Mapping
+from contextlib import aclosing, contextmanager
 from dataclasses import dataclass, replace
+from typing import Protocol
 
 import grpc
 
@@ -34,6 +43,7 @@ from splitserve.router.backend import BackendError, BackendRequest, BackendUnava
 from splitserve.router.errors import bad_request
 from splitserve.router.metrics import RouterMetrics
 from splitserve.router.pd_client import DecodeChunk, PodCallError, PodClient, PrefillResult
+from splitserve.router.pod_channels import PodChannels
 from splitserve.router.policies import NoReadyPodError, RouteRequest
 from splitserve.router.routing import PodRouter
 
@@ -70,27 +80,60 @@ def draw_seed() -> int:
     return secrets.randbits(63)
 
 
+class PrefillObserver(Protocol):
+    """Told about every Prefill call (the scaler measures the pool's rate)."""
+
+    def prefill_started(self, pod: str, now: float) -> None: ...
+
+    def prefill_finished(self, pod: str, computed_tokens: int, now: float) -> None: ...
+
+
 class Orchestrator:
     """Implements ``GenerationBackend`` on prefill/decode (or unified) pods.
 
-    ``clients`` maps pod ids (host:port) to their ``PodClient``; ``router``
-    knows the same ids. Call from one event loop; ``aclose`` waits for the
-    background aborts and closes the channels.
+    ``clients`` maps pod ids (host:port) to their ``PodClient`` (a fixed
+    dict, or the live ``PodChannels``); ``router`` knows the same ids.
+    ``prefill_observer`` (optional) sees each Prefill's start and end. Call
+    from one event loop; ``aclose`` waits for the background aborts and
+    closes the channels.
     """
 
     def __init__(self, router: PodRouter, clients: Mapping[str, PodClient], config: OrchestratorConfig,
-                 metrics: RouterMetrics | None = None, seed_source: Callable[[], int] = draw_seed) -> None:
+                 metrics: RouterMetrics | None = None, seed_source: Callable[[], int] = draw_seed,
+                 prefill_observer: PrefillObserver | None = None) -> None:
         self.router = router
         self.clients = clients
         self.config = config
         self.metrics = metrics or router.metrics
         self._seed_source = seed_source
+        self._prefill_observer = prefill_observer
         self._background: set[asyncio.Task[None]] = set()
 
     async def aclose(self) -> None:
         if self._background:
             await asyncio.gather(*self._background, return_exceptions=True)
-        await asyncio.gather(*(c.close() for c in self.clients.values()), return_exceptions=True)
+        if isinstance(self.clients, PodChannels):
+            await self.clients.aclose()
+        else:
+            await asyncio.gather(*(c.close() for c in self.clients.values()), return_exceptions=True)
+
+    @contextmanager
+    def _hold(self, pod: str, rpc: str) -> Iterator[PodClient]:
+        """``pod``'s client for one call, its channel kept open meanwhile; a
+        pod that already left raises a retryable UNAVAILABLE."""
+        if pod not in self.clients:
+            raise PodCallError(pod, rpc, grpc.StatusCode.UNAVAILABLE, "the pod left the pool")
+        if isinstance(self.clients, PodChannels):
+            with self.clients.hold(pod) as client:
+                yield client
+        else:
+            yield self.clients[pod]
+
+    def unified_path(self) -> bool:
+        """True when this request goes to unified pods (see the module doc)."""
+        if self.config.unified:
+            return True
+        return not self.router.has_ready("decode") and self.router.has_ready("unified")
 
     async def generate(self, request: BackendRequest) -> AsyncIterator[TokenChunk]:
         params = request.sampling_params
@@ -102,10 +145,11 @@ class Orchestrator:
                                          request.cache_salt, request.block_hashes or None)
         run = _Run(request)
         try:
-            if self.config.unified:
-                decision = self.router.route_prefill(route)
+            if self.unified_path():
+                role = "prefill" if self.config.unified else "unified"
+                decision = self.router.route(role, route)
                 self.metrics.pd_decisions.labels("unified").inc()
-                stream = self._decode(run, "prefill", decision.pod_id, route, None)
+                stream = self._decode(run, role, decision.pod_id, route, None)
             else:
                 stream = self._disaggregated(run, route)
             async with aclosing(stream) as chunks:
@@ -153,10 +197,21 @@ class Orchestrator:
             except NoReadyPodError:
                 break
             run.prefill_pod = pod
+            observer = self._prefill_observer
             try:
-                return await self.clients[pod].prefill(
-                    request.request_id, request.prompt_token_ids, request.sampling_params,
-                    request.cache_salt, timeout=self.config.prefill_timeout_s)
+                with self._hold(pod, "Prefill") as client:
+                    if observer is not None:
+                        observer.prefill_started(pod, time.monotonic())
+                    computed = 0
+                    try:
+                        result = await client.prefill(
+                            request.request_id, request.prompt_token_ids, request.sampling_params,
+                            request.cache_salt, timeout=self.config.prefill_timeout_s)
+                        computed = result.num_prompt_tokens - result.num_cached_tokens
+                        return result
+                    finally:
+                        if observer is not None:
+                            observer.prefill_finished(pod, computed, time.monotonic())
             except PodCallError as exc:
                 self._raise_if_fatal(exc)
                 self.metrics.retries.labels("prefill", exc.code.name.lower()).inc()
@@ -178,37 +233,38 @@ class Orchestrator:
             run.decode_pod = attempt_pod = pod
             held: TokenChunk | None = None
             try:
-                events = self.clients[pod].decode(
-                    request.request_id, request.prompt_token_ids + tuple(run.outputs),
-                    run.num_prompt_tokens, request.sampling_params, handle, request.cache_salt)
-                async with aclosing(events) as stream:
-                    async for event in stream:
-                        if isinstance(event, DecodeChunk):
-                            if held is not None:
-                                yield held
-                            chunk = run.add(event.token_ids, event.logprobs)
-                            # The last tokens must travel with the finish reason (the
-                            # detokenizer drops a final stop token only then), so a chunk
-                            # that may end the stream waits for the Finished event.
-                            if self._may_end(request.sampling_params, run):
-                                held = chunk
-                            else:
-                                held = None
-                                yield chunk
-                            continue
-                        if event.kv_source == "recomputed":
-                            self.metrics.retries.labels("decode", "kv_pull_recomputed").inc()
-                        if handle is not None and event.kv_source != "pulled" and run.prefill_pod:
-                            self._abort_later(run.prefill_pod, request.request_id)  # drop the lease
-                        if event.num_cached_tokens and run.num_cached_tokens == 0:
-                            run.num_cached_tokens = event.num_cached_tokens
-                        run.finished = True
-                        base = held or TokenChunk((), run.num_prompt_tokens,
-                                                  () if request.sampling_params.logprobs is not None
-                                                  else None)
-                        yield replace(base, finish_reason=event.reason or "stop",
-                                      num_cached_tokens=run.num_cached_tokens)
-                        return
+                with self._hold(pod, "Decode") as client:
+                    events = client.decode(
+                        request.request_id, request.prompt_token_ids + tuple(run.outputs),
+                        run.num_prompt_tokens, request.sampling_params, handle, request.cache_salt)
+                    async with aclosing(events) as stream:
+                        async for event in stream:
+                            if isinstance(event, DecodeChunk):
+                                if held is not None:
+                                    yield held
+                                chunk = run.add(event.token_ids, event.logprobs)
+                                # The last tokens must travel with the finish reason (the
+                                # detokenizer drops a final stop token only then), so a chunk
+                                # that may end the stream waits for the Finished event.
+                                if self._may_end(request.sampling_params, run):
+                                    held = chunk
+                                else:
+                                    held = None
+                                    yield chunk
+                                continue
+                            if event.kv_source == "recomputed":
+                                self.metrics.retries.labels("decode", "kv_pull_recomputed").inc()
+                            if handle is not None and event.kv_source != "pulled" and run.prefill_pod:
+                                self._abort_later(run.prefill_pod, request.request_id)  # drop the lease
+                            if event.num_cached_tokens and run.num_cached_tokens == 0:
+                                run.num_cached_tokens = event.num_cached_tokens
+                            run.finished = True
+                            base = held or TokenChunk((), run.num_prompt_tokens,
+                                                      () if request.sampling_params.logprobs is not None
+                                                      else None)
+                            yield replace(base, finish_reason=event.reason or "stop",
+                                          num_cached_tokens=run.num_cached_tokens)
+                            return
             except PodCallError as exc:
                 self._raise_if_fatal(exc, allow_not_found=handle is not None)
                 if held is not None:
@@ -229,8 +285,7 @@ class Orchestrator:
                     self._abort_later(run.prefill_pod, request.request_id)
                 handle = None
                 try:
-                    pod = self.router.route_decode(route).pod_id if role == "decode" \
-                        else self.router.route_prefill(route).pod_id
+                    pod = self.router.route(role, route).pod_id
                 except NoReadyPodError:
                     raise BackendUnavailableError(
                         f"decode pod {pod} failed ({exc.code.name}) and no other {role} pod is ready"
@@ -259,13 +314,13 @@ class Orchestrator:
     def _abort_later(self, pod: str, request_id: str) -> None:
         """Abort ``request_id`` on ``pod`` in the background (best effort: a
         closing stream must not wait for the network)."""
-        client = self.clients.get(pod)
-        if client is None:
-            return
+        if pod not in self.clients:
+            return  # the pod left and its channel closed: its blocks went with it, or its lease expires
 
         async def abort() -> None:
             try:
-                await client.abort(request_id)
+                with self._hold(pod, "Abort") as client:
+                    await client.abort(request_id)
             except PodCallError:
                 pass  # the pod is gone; its blocks went with it, or its lease expires
 

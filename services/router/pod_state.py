@@ -1,6 +1,7 @@
-"""What the router knows about each pod: identity and load."""
+"""What the router knows about each pod: identity, readiness and load."""
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 
@@ -26,29 +27,62 @@ class PodLoad:
 
 @dataclass
 class PodState:
-    """One pod of a role (prefill, decode or unified)."""
+    """One pod of a role (prefill, decode or unified).
+
+    ``ready``: its last ``GetLoad`` answered (set by the pod watcher).
+    ``draining``: discovery says it is leaving; it gets no new work but what
+    it runs finishes. Only ready, non-draining pods are routed to.
+    """
 
     pod_id: str
     load: PodLoad = field(default_factory=PodLoad)
     ready: bool = True
+    draining: bool = False
+
+    @property
+    def state(self) -> str:
+        """``ready``, ``draining`` or ``not_ready`` (the ``router_pods`` label)."""
+        if self.draining:
+            return "draining"
+        return "ready" if self.ready else "not_ready"
 
 
 class PodPool:
     """The pods of one role, keyed by id; the order of ``ready_pods`` is by id
-    so every router replica sees the same list."""
+    so every router replica sees the same list.
+
+    Pods come and go while the router serves (discovery), so the setters
+    ignore ids the pool no longer holds: a request still running on a removed
+    pod may report back after the pod left. ``subscribe`` registers a callback
+    run (synchronously, on the caller's thread) whenever a pod joins, leaves
+    or changes routability.
+    """
 
     def __init__(self, pod_ids: list[str] | None = None) -> None:
         self._pods: dict[str, PodState] = {}
+        self._listeners: list[Callable[[], None]] = []
         for pod_id in pod_ids or []:
             self.add(pod_id)
 
-    def add(self, pod_id: str) -> PodState:
+    def subscribe(self, callback: Callable[[], None]) -> None:
+        self._listeners.append(callback)
+
+    def _changed(self) -> None:
+        for callback in self._listeners:
+            callback()
+
+    def add(self, pod_id: str, ready: bool = True, draining: bool = False) -> PodState:
         if not pod_id:
             raise ValueError("pod id must be a non-empty string")
-        return self._pods.setdefault(pod_id, PodState(pod_id))
+        state = self._pods.get(pod_id)
+        if state is None:
+            state = self._pods[pod_id] = PodState(pod_id, ready=ready, draining=draining)
+            self._changed()
+        return state
 
     def remove(self, pod_id: str) -> None:
-        self._pods.pop(pod_id, None)
+        if self._pods.pop(pod_id, None) is not None:
+            self._changed()
 
     def get(self, pod_id: str) -> PodState:
         try:
@@ -56,15 +90,32 @@ class PodPool:
         except KeyError:
             raise KeyError(f"unknown pod {pod_id!r}; known: {sorted(self._pods)}") from None
 
+    def __contains__(self, pod_id: object) -> bool:
+        return pod_id in self._pods
+
     def set_ready(self, pod_id: str, ready: bool) -> None:
-        self.get(pod_id).ready = ready
+        state = self._pods.get(pod_id)
+        if state is not None and state.ready != ready:
+            state.ready = ready
+            self._changed()
+
+    def set_draining(self, pod_id: str, draining: bool) -> None:
+        state = self._pods.get(pod_id)
+        if state is not None and state.draining != draining:
+            state.draining = draining
+            self._changed()
 
     def update_load(self, pod_id: str, load: PodLoad) -> None:
-        self.get(pod_id).load = load
+        state = self._pods.get(pod_id)
+        if state is not None:
+            state.load = load
 
     def note_assigned(self, pod_id: str, num_prompt_tokens: int) -> None:
         """Count a request the router just sent, until the next poll says better."""
-        load = self.get(pod_id).load
+        state = self._pods.get(pod_id)
+        if state is None:
+            return
+        load = state.load
         load.waiting_seqs += 1
         load.queued_prompt_tokens += num_prompt_tokens
 
@@ -79,7 +130,13 @@ class PodPool:
         state.load.queued_prompt_tokens = max(0, state.load.queued_prompt_tokens - num_prompt_tokens)
 
     def ready_pods(self) -> list[PodState]:
-        return [self._pods[k] for k in sorted(self._pods) if self._pods[k].ready]
+        """Pods that may take new work (ready and not draining), by id."""
+        return [self._pods[k] for k in sorted(self._pods)
+                if self._pods[k].ready and not self._pods[k].draining]
+
+    def pods(self) -> list[PodState]:
+        """Every pod of the pool, whatever its state, by id."""
+        return [self._pods[k] for k in sorted(self._pods)]
 
     def __len__(self) -> int:
         return len(self._pods)

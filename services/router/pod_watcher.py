@@ -7,7 +7,7 @@ import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from splitserve.router.pd_client import PodCallError, PodClient
+from splitserve.router.pd_client import LoadSnapshot, PodCallError, PodClient
 from splitserve.router.routing import PodRouter
 
 logger = logging.getLogger(__name__)
@@ -29,10 +29,12 @@ class WatcherConfig:
 class PodWatcher:
     """One poll task and one KV-event task per pod.
 
-    ``pods`` maps each pod id to its ``PodRouter`` role (the pool it sits in).
-    Pods start not ready; a successful poll makes one ready, a failed one (or
-    ``max_missed_polls`` of them) takes it out. A pod whose incarnation id
-    changes (it restarted) has its prefix index cleared.
+    ``pods`` maps each pod id to its ``PodRouter`` role (the pool it sits in):
+    the pods ``start`` watches; ``add``/``remove`` change the set while the
+    router serves (discovery). Pods start not ready; a successful poll makes
+    one ready, a failed one (or ``max_missed_polls`` of them) takes it out. A
+    pod whose incarnation id changes (it restarted) has its prefix index
+    cleared.
     """
 
     def __init__(self, router: PodRouter, clients: Mapping[str, PodClient], pods: Mapping[str, str],
@@ -41,20 +43,45 @@ class PodWatcher:
         self.clients = clients
         self.pods = dict(pods)
         self.config = config or WatcherConfig()
-        self._tasks: list[asyncio.Task[None]] = []
+        self._tasks: dict[str, tuple[asyncio.Task[None], ...]] = {}
+        self._stopping: set[asyncio.Task[None]] = set()
         self._incarnations: dict[str, str] = {}
+        self.snapshots: dict[str, LoadSnapshot] = {}  # each watched pod's last GetLoad answer
 
     def start(self) -> None:
         for pod, role in self.pods.items():
-            self.router.pools[role].set_ready(pod, False)
-            self._tasks.append(asyncio.create_task(self._poll(pod, role), name=f"poll:{pod}"))
-            self._tasks.append(asyncio.create_task(self._follow_kv_events(pod, role), name=f"kv:{pod}"))
+            self._watch(pod, role)
+
+    def add(self, pod: str, role: str) -> None:
+        """Start watching ``pod`` (already in ``router.pools[role]``); it stays
+        out of rotation until its first poll answers."""
+        self.pods[pod] = role
+        self._watch(pod, role)
+
+    def remove(self, pod: str) -> None:
+        """Stop watching ``pod`` at once (its tasks end in the background)."""
+        self.pods.pop(pod, None)
+        self._incarnations.pop(pod, None)
+        self.snapshots.pop(pod, None)
+        for task in self._tasks.pop(pod, ()):
+            task.cancel()
+            self._stopping.add(task)
+            task.add_done_callback(self._stopping.discard)
+
+    def watching(self, pod: str) -> bool:
+        return pod in self._tasks
+
+    def _watch(self, pod: str, role: str) -> None:
+        if pod in self._tasks:
+            return
+        self.router.pools[role].set_ready(pod, False)
+        self._tasks[pod] = (asyncio.create_task(self._poll(pod, role), name=f"poll:{pod}"),
+                            asyncio.create_task(self._follow_kv_events(pod, role), name=f"kv:{pod}"))
 
     async def stop(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        self._tasks.clear()
+        for pod in list(self._tasks):
+            self.remove(pod)
+        await asyncio.gather(*self._stopping, return_exceptions=True)
 
     def ready(self) -> bool:
         """At least one ready pod in every pool that has pods."""
@@ -62,8 +89,11 @@ class PodWatcher:
 
     async def poll_once(self, pod: str, role: str) -> bool:
         """Poll ``pod`` once and apply the result; True when it answered."""
+        client = self.clients.get(pod)
+        if client is None:
+            return False  # removed while this poll was due
         try:
-            snapshot = await self.clients[pod].get_load(timeout=self.config.poll_timeout_s)
+            snapshot = await client.get_load(timeout=self.config.poll_timeout_s)
         except PodCallError as exc:
             logger.debug("GetLoad failed: %s", exc)
             return False
@@ -74,6 +104,7 @@ class PodWatcher:
             self.router.on_kv_events(role, pod, cleared=True)
         self._incarnations[pod] = snapshot.incarnation_id
         self.router.update_load(role, pod, snapshot.load)
+        self.snapshots[pod] = snapshot
         self.router.pools[role].set_ready(pod, True)
         return True
 
@@ -95,7 +126,10 @@ class PodWatcher:
         while True:
             try:
                 first = True
-                async for batch in self.clients[pod].kv_events():
+                client = self.clients.get(pod)
+                if client is None:
+                    return
+                async for batch in client.kv_events():
                     self.router.on_kv_events(role, pod, batch.stored, batch.removed,
                                              cleared=batch.cleared)
                     if first:

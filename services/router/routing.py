@@ -10,7 +10,7 @@ from splitserve.router.pod_state import PodLoad, PodPool
 from splitserve.router.policies import DecodePolicy, RouteDecision, RouteRequest, RoutingPolicy
 from splitserve.router.prefix_index import PrefixIndexMap
 
-ROLES = ("prefill", "decode")
+ROLES = ("prefill", "decode", "unified")
 
 
 class PodRouter:
@@ -20,13 +20,20 @@ class PodRouter:
     one request and the prompt's tokens (until the next poll), its prefix index
     gains the prompt's blocks (until the pod's KV events say otherwise), and
     the routing metrics count it. Not thread-safe; call from the event loop.
+
+    Three pools: ``prefill``, ``decode`` and ``unified`` (pods that do both;
+    routed with the prefill policy). A static unified deployment may also put
+    its pods in the prefill pool (``OrchestratorConfig.unified``).
     """
 
     def __init__(self, prefill_policy: RoutingPolicy, decode_policy: DecodePolicy,
                  prefill_pods: PodPool, decode_pods: PodPool,
-                 metrics: RouterMetrics | None = None, max_index_blocks_per_pod: int = 1 << 16) -> None:
-        self.policies: dict[str, RoutingPolicy] = {"prefill": prefill_policy, "decode": decode_policy}
-        self.pools = {"prefill": prefill_pods, "decode": decode_pods}
+                 metrics: RouterMetrics | None = None, max_index_blocks_per_pod: int = 1 << 16,
+                 unified_pods: PodPool | None = None) -> None:
+        self.policies: dict[str, RoutingPolicy] = {"prefill": prefill_policy, "decode": decode_policy,
+                                                   "unified": prefill_policy}
+        self.pools = {"prefill": prefill_pods, "decode": decode_pods,
+                      "unified": unified_pods if unified_pods is not None else PodPool()}
         self.indexes = {role: PrefixIndexMap(max_index_blocks_per_pod) for role in ROLES}
         self.metrics = metrics or RouterMetrics()
 
@@ -35,6 +42,13 @@ class PodRouter:
 
     def route_decode(self, request: RouteRequest) -> RouteDecision:
         return self._route("decode", request)
+
+    def route(self, role: str, request: RouteRequest) -> RouteDecision:
+        """Route to a pod of ``role`` (prefill, decode or unified)."""
+        return self._route(role, request)
+
+    def has_ready(self, role: str) -> bool:
+        return bool(self.pools[role].ready_pods())
 
     def _route(self, role: str, request: RouteRequest) -> RouteDecision:
         pool, policy = self.pools[role], self.policies[role]

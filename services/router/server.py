@@ -1,5 +1,6 @@
-"""The router process: tokenizer, settings, PodRouter, orchestrator, pod
-watcher and the OpenAI app, served by an embedded uvicorn until asked to stop."""
+"""The router process: tokenizer, settings, PodRouter, orchestrator, the live
+pod registry fed by one discovery source, the request queue, the KEDA
+scaler and the OpenAI app, served by an embedded uvicorn until asked to stop."""
 from __future__ import annotations
 
 import asyncio
@@ -14,13 +15,21 @@ from fastapi import FastAPI
 
 from splitserve.http_server import EmbeddedHTTPServer
 from splitserve.router.app import create_app
+from splitserve.router.discovery import DiscoveryConfig, DiscoveryFeed, DiscoverySource, make_source
 from splitserve.router.metrics import RouterMetrics
 from splitserve.router.orchestrator import Orchestrator, OrchestratorConfig
 from splitserve.router.pd_client import PodClient
+from splitserve.router.pod_channels import PodChannels
+from splitserve.router.pod_registry import PodRegistry
 from splitserve.router.pod_state import PodPool
 from splitserve.router.pod_watcher import PodWatcher, WatcherConfig
 from splitserve.router.policies import DecodePolicy, make_policy
+from splitserve.router.prefill_rate import PrefillRate
+from splitserve.router.request_queue import QueueConfig, RequestQueue
+from splitserve.router.request_tracker import RequestTracker
 from splitserve.router.routing import PodRouter
+from splitserve.router.scaler_core import ScalerCore
+from splitserve.router.scaler_servicer import ScalerServer
 from splitserve.router.serving import OpenAIServing
 from splitserve.router.settings import settings_from_env
 
@@ -29,15 +38,18 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class RouterConfig:
-    """Everything ``splitserve router`` takes. Either ``prefill`` and
-    ``decode`` (host:port lists) or ``unified``. ``served_model_names``
-    default to ``(model,)`` as in vLLM; ``max_prompt_tokens`` to the model's
-    ``max_position_embeddings``. ``block_size`` must equal the pods'."""
+    """Everything ``splitserve router`` takes. Pods come from ``discovery``;
+    without one, ``prefill`` and ``decode`` (host:port lists) or ``unified``
+    make a static one. ``served_model_names`` default to ``(model,)`` as in
+    vLLM; ``max_prompt_tokens`` to the model's ``max_position_embeddings``.
+    ``block_size`` must equal the pods'. ``scaler_port`` 0: no KEDA scaler.
+    ``shutdown_grace_s``: how long open streams may run after SIGTERM."""
 
     model: str
     prefill: tuple[str, ...] = ()
     decode: tuple[str, ...] = ()
     unified: tuple[str, ...] = ()
+    discovery: DiscoveryConfig | None = None
     host: str = "127.0.0.1"
     port: int = 8000
     policy: str = "kv_affinity"
@@ -48,20 +60,31 @@ class RouterConfig:
     max_prompt_tokens: int | None = None
     max_tokens_limit: int | None = None
     poll_interval_s: float = 0.2
+    scaler_port: int = 0
+    max_queued_requests: int = 256
+    queue_timeout_s: float = 60.0
+    shutdown_grace_s: float = 30.0
     settings_overrides: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if self.unified and (self.prefill or self.decode):
-            raise ValueError("give either --unified or --prefill and --decode, not both")
-        if not self.unified and not (self.prefill and self.decode):
-            raise ValueError("need at least one --prefill and one --decode address, or --unified addresses")
-        pods = self.prefill + self.decode + self.unified
-        if len(set(pods)) != len(pods):
-            raise ValueError(f"a pod address is listed twice: {', '.join(pods)}")
-        for address in pods:
-            host, _, port = address.rpartition(":")
-            if not host or not port.isdigit():
-                raise ValueError(f"pod address {address!r} is not HOST:PORT")
+        if self.discovery is None:
+            object.__setattr__(self, "discovery", DiscoveryConfig(
+                "static", prefill=self.prefill, decode=self.decode, unified=self.unified))
+        elif self.prefill or self.decode or self.unified:
+            raise ValueError("give pod addresses in the DiscoveryConfig, not both")
+        if not 0 <= self.scaler_port < 65536:
+            raise ValueError(f"--scaler-port must be in 0..65535, got {self.scaler_port}")
+        if self.shutdown_grace_s < 0:
+            raise ValueError(f"--shutdown-grace-seconds must be >= 0, got {self.shutdown_grace_s}")
+        QueueConfig(self.max_queued_requests, self.queue_timeout_s)  # validates
+
+    @property
+    def pods(self) -> DiscoveryConfig:
+        """The discovery config (always set after construction)."""
+        discovery = self.discovery
+        if discovery is None:
+            raise RuntimeError("RouterConfig.discovery is set in __post_init__")
+        return discovery
 
 
 @dataclass
@@ -73,6 +96,11 @@ class RouterParts:
     orchestrator: Orchestrator
     watcher: PodWatcher
     metrics: RouterMetrics
+    registry: PodRegistry
+    feed: DiscoveryFeed
+    source: DiscoverySource
+    queue: RequestQueue
+    scaler: ScalerCore
 
 
 def build_router(config: RouterConfig, tokenizer: Any = None) -> RouterParts:
@@ -90,23 +118,31 @@ def build_router(config: RouterConfig, tokenizer: Any = None) -> RouterParts:
         overrides["max_tokens_limit"] = config.max_tokens_limit
     settings = settings_from_env(**{**overrides, **config.settings_overrides})
     metrics = RouterMetrics()
-    if config.unified:
-        prefill_ids, decode_ids = list(config.unified), []
-    else:
-        prefill_ids, decode_ids = list(config.prefill), list(config.decode)
     router = PodRouter(make_policy(config.policy, config.block_size, config.load_factor),
                        DecodePolicy(config.block_size, config.load_factor),
-                       PodPool(prefill_ids), PodPool(decode_ids), metrics)
-    clients = {address: PodClient(address) for address in prefill_ids + decode_ids}
-    orchestrator = Orchestrator(router, clients, OrchestratorConfig(
-        block_size=config.block_size, unified=bool(config.unified),
-        pd_threshold_tokens=config.pd_threshold_tokens,
-        eos_token_ids=eos_token_ids(config.model, tokenizer)), metrics)
-    roles = {**{a: "prefill" for a in prefill_ids}, **{a: "decode" for a in decode_ids}}
-    watcher = PodWatcher(router, clients, roles, WatcherConfig(poll_interval_s=config.poll_interval_s))
+                       PodPool(), PodPool(), metrics, unified_pods=PodPool())
+    channels = PodChannels(PodClient)
+    rate = PrefillRate()
+    orchestrator = Orchestrator(router, channels, OrchestratorConfig(
+        block_size=config.block_size, pd_threshold_tokens=config.pd_threshold_tokens,
+        eos_token_ids=eos_token_ids(config.model, tokenizer)), metrics, prefill_observer=rate)
+    watcher = PodWatcher(router, channels, {}, WatcherConfig(poll_interval_s=config.poll_interval_s))
+    registry = PodRegistry(router, channels, watcher, metrics, config.pods.kind,
+                           config.pods.configured_roles())
+    source = make_source(config.pods)
+    feed = DiscoveryFeed(registry, metrics, source.name)
+    scaler = ScalerCore(router, rate, metrics)
+    queue = RequestQueue(router, lambda: registry.roles, QueueConfig(
+        config.max_queued_requests, config.queue_timeout_s,
+        pd_threshold_tokens=config.pd_threshold_tokens), metrics, listener=scaler)
+    scaler.queue = queue.waiting
     serving = OpenAIServing(orchestrator, tokenizer, settings, metrics)
-    app = create_app(serving, settings, ready=watcher.ready)
-    return RouterParts(app, serving, orchestrator, watcher, metrics)
+
+    def ready() -> bool:
+        return not queue.stopping and (queue.can_start() or queue.has_room())
+
+    app = create_app(serving, settings, ready=ready, admission=queue)
+    return RouterParts(app, serving, orchestrator, watcher, metrics, registry, feed, source, queue, scaler)
 
 
 def _max_positions(model: str) -> int | None:
@@ -118,23 +154,40 @@ def _max_positions(model: str) -> int | None:
 
 
 async def serve(config: RouterConfig, stop: asyncio.Event | None = None) -> None:
-    """Serve until ``stop`` is set or SIGINT/SIGTERM arrives, then stop
-    accepting, let uvicorn finish open responses, and close pod channels."""
+    """Serve until ``stop`` is set or SIGINT/SIGTERM arrives, then drain:
+    new requests get 503 (``Retry-After``) and ``/health`` 503, queued ones
+    are released with a 503, open streams get ``shutdown_grace_s`` to end
+    and are cut after it; then everything closes and this returns."""
     parts = build_router(config)
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    parts.watcher.start()
-    http = EmbeddedHTTPServer(parts.app, config.host, config.port)
-    await http.start()
-    mode = (f"unified {','.join(config.unified)}" if config.unified
-            else f"prefill {','.join(config.prefill)} / decode {','.join(config.decode)}")
-    logger.info("router on http://%s:%d/v1 (%s, policy %s)", config.host, config.port, mode, config.policy)
+    discovery = asyncio.create_task(parts.source.run(parts.feed), name=f"discovery:{parts.source.name}")
+    tracker = RequestTracker(parts.app)
+    http = EmbeddedHTTPServer(tracker, config.host, config.port)
+    scaler = ScalerServer(parts.scaler, config.host, config.scaler_port) if config.scaler_port else None
     try:
-        await stop.wait()
-        logger.info("stopping: draining open requests")
+        await http.start()
+        if scaler is not None:
+            await scaler.start()
+        logger.info("router on http://%s:%d/v1 (discovery %s, policy %s%s)", config.host, config.port,
+                    config.pods.kind, config.policy,
+                    f", KEDA scaler on :{scaler.port}" if scaler is not None else "")
+        stop_wait = asyncio.create_task(stop.wait())
+        await asyncio.wait({stop_wait, discovery}, return_when=asyncio.FIRST_COMPLETED)
+        stop_wait.cancel()
+        if discovery.done():
+            discovery.result()  # a source ends only by failing (e.g. no cluster config): say why
+        logger.info("stopping: new requests get 503; open requests have %.0f s", config.shutdown_grace_s)
+        parts.queue.stop()
+        if not await tracker.wait_idle(config.shutdown_grace_s):
+            logger.warning("grace period over: cutting %d open request(s)", await tracker.cut())
     finally:
+        discovery.cancel()
+        await asyncio.gather(discovery, return_exceptions=True)
+        if scaler is not None:
+            await scaler.stop()
         await http.stop()
         await parts.watcher.stop()
         await parts.orchestrator.aclose()

@@ -205,8 +205,8 @@ async def test_after_step_hooks_run_on_the_engine_thread_and_a_failing_one_is_co
         stream = await eng.submit("r", prompt_of(5), SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True))
         tokens = [t async for out in stream for t in out.new_token_ids]
         assert len(tokens) == 4
+        await settle(eng)
         assert len(seen) >= 4, "one call per step (prefill + 3 decodes at least)"
         assert {name for name, _ in seen} == {"splitserve-engine"}
-        await settle(eng)
     finally:
         eng.shutdown()

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -75,3 +76,24 @@ def test_first_exited_reports_a_dead_child() -> None:
         time.sleep(0.05)
     assert group.first_exited().name == "quick"
     group.stop_all(grace_seconds=2)
+
+
+def test_signal_reaches_one_child_and_reap_returns_it_once() -> None:
+    group = ProcessGroup()
+    script = ("import signal, sys, time;"
+              "signal.signal(signal.SIGTERM, lambda *_: sys.exit(7));"
+              "time.sleep(30)")
+    target = group.start("target", [sys.executable, "-c", script])
+    other = group.start("other", [sys.executable, "-c", "import time; time.sleep(30)"])
+    time.sleep(0.5)  # let the handler be installed
+    group.signal(target, signal.SIGTERM)
+    deadline = time.monotonic() + 10
+    reaped: list = []
+    while not reaped:
+        assert time.monotonic() < deadline
+        reaped = group.reap()
+        time.sleep(0.05)
+    assert [p.name for p in reaped] == ["target"] and target.returncode == 7
+    assert group.reap() == [] and group.processes == [other] and other.is_running()
+    group.stop_all(grace_seconds=2)
+    assert not _alive(other.pid)

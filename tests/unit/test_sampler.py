@@ -150,3 +150,59 @@ def test_logprobs_are_raw_with_ranks_and_top_alternatives() -> None:
     assert lp.top_logprobs == pytest.approx(raw[[1, 2, 0]].tolist())
     zero = _sample(logits.clone(), [_request(temperature=0.0, logprobs=0), _request(temperature=0.0)])
     assert zero.logprobs[0].top_token_ids == () and zero.logprobs[0].rank == 1 and zero.logprobs[1] is None
+
+
+# -- constrained rows (structured outputs) ----------------------------------
+
+def _bitmask(rows: list[int], allowed: list[set[int]]):
+    from splitserve.engine.structured.bitmask import TokenBitmask
+
+    bits = torch.zeros(len(rows), (V + 31) // 32, dtype=torch.int64)
+    for i, tokens in enumerate(allowed):
+        for t in tokens:
+            bits[i, t // 32] |= 1 << (t % 32)
+    return TokenBitmask(torch.tensor(rows), bits.to(torch.int32))
+
+
+def _sample_masked(logits: torch.Tensor, requests: list[Request], rows: list[int], allowed: list[set[int]]):
+    metadata = build_sampling_metadata(requests, V, CPU, _bitmask(rows, allowed))
+    return Sampler()(logits, metadata)
+
+
+def test_constrained_rows_sample_only_allowed_tokens_before_every_filter() -> None:
+    logits = _logits(3, seed=3)
+    allowed = {4, 17, 31, 32, 49}
+    reqs = [_request(seed=0, temperature=0.0), _request(seed=1, temperature=0.0), _request(seed=2, temperature=0.0)]
+    out = _sample_masked(logits.clone(), reqs, [1], [allowed])
+    best_allowed = max(allowed, key=lambda t: float(logits[1, t]))
+    assert out.token_ids[0] == int(logits[0].argmax()) and out.token_ids[2] == int(logits[2].argmax())
+    assert out.token_ids[1] == best_allowed
+    # Sampled with top-k / top-p / penalties: every draw allowed, still position-keyed.
+    row = logits[0] * 0.2
+    params = dict(temperature=1.0, top_k=3, top_p=0.9, presence_penalty=0.5)
+    draws = [_sample_masked(row[None].clone(), [_request(seed=s, outputs=[4], **params)], [0], [allowed]).token_ids[0]
+             for s in range(40)]
+    assert set(draws) <= allowed and len(set(draws)) > 1
+    again = [_sample_masked(row[None].clone(), [_request(seed=s, outputs=[4], **params)], [0], [allowed]).token_ids[0]
+             for s in range(40)]
+    assert again == draws
+
+
+def test_constrained_logprobs_are_over_the_allowed_tokens() -> None:
+    logits = _logits(1, seed=4)
+    allowed = {2, 9, 30}
+    out = _sample_masked(logits.clone(), [_request(temperature=0.0, logprobs=5)], [0], [allowed])
+    lp = out.logprobs[0]
+    assert lp is not None and lp.rank == 1 and lp.token_id in allowed
+    finite = [v for v in lp.top_logprobs if math.isfinite(v)]
+    assert set(lp.top_token_ids[:3]) == allowed and len(finite) == 3
+    assert math.isclose(sum(math.exp(v) for v in finite), 1.0, rel_tol=1e-5)
+
+
+def test_min_tokens_never_empties_a_constrained_row() -> None:
+    eos = frozenset({7})
+    logits = _logits(2, seed=5)
+    reqs = [_request(seed=0, temperature=0.0, min_tokens=3, eos=eos), _request(seed=1, temperature=0.0, min_tokens=3, eos=eos)]
+    # Row 0's constraint allows eos and 11: min_tokens bans eos. Row 1's allows only eos: the constraint wins.
+    out = _sample_masked(logits.clone(), reqs, [0, 1], [{7, 11}, {7}])
+    assert out.token_ids == [11, 7]

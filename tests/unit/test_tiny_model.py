@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import stat
 from pathlib import Path
 
 import pytest
@@ -24,6 +26,17 @@ def _digests(folder: Path) -> dict[str, str]:
 def test_cli_writes_identical_bytes(tiny_dir: Path, tmp_path: Path) -> None:
     assert cli_main(["model", "tiny", "--out", str(tmp_path / "again")]) == 0
     assert _digests(tmp_path / "again") == _digests(tiny_dir)
+
+
+def test_folder_is_readable_by_other_uids(tmp_path: Path) -> None:
+    previous = os.umask(0o077)  # even a strict umask leaves it world-readable
+    try:
+        out = write_tiny_model(tmp_path / "model")
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o755
+    files = sorted(out.iterdir())
+    assert files and {stat.S_IMODE(f.stat().st_mode) for f in files} == {0o644}
 
 
 def test_other_seed_changes_weights(tiny_dir: Path, tmp_path: Path) -> None:

@@ -5,11 +5,9 @@ from __future__ import annotations
 
 import logging
 import socket
-from collections.abc import AsyncIterator
 
 import pytest
-import pytest_asyncio
-from test_router_membership_fakes import LiveRouter, add_pod, until
+from test_router_membership_fakes import LiveRouter, add_pod, until, cluster, live_router_fixture  # noqa: F401 - cluster is a fixture
 from test_router_orchestrator_fakes import FakeCluster
 
 from splitserve.proto import splitserve_v1_pb2 as pb
@@ -46,18 +44,7 @@ async def test_the_system_resolver_reads_localhost_and_reports_no_records() -> N
         await system_resolver("no-such-name.invalid")
 
 
-@pytest_asyncio.fixture
-async def cluster() -> AsyncIterator[FakeCluster]:
-    c = FakeCluster()
-    yield c
-    await c.stop()
-
-
-@pytest_asyncio.fixture
-async def live() -> AsyncIterator[LiveRouter]:
-    r = LiveRouter(source="dns")
-    yield r
-    await r.close()
+live = live_router_fixture("dns")
 
 
 @pytest.mark.asyncio

@@ -8,12 +8,10 @@ import asyncio
 import json
 import logging
 import os
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-import pytest_asyncio
-from test_router_membership_fakes import LiveRouter, add_pod, until
+from test_router_membership_fakes import LiveRouter, add_pod, until, cluster, live_router_fixture  # noqa: F401 - cluster is a fixture
 from test_router_orchestrator_fakes import FakeCluster
 
 from splitserve.proto import splitserve_v1_pb2 as pb
@@ -64,18 +62,7 @@ def test_config_needs_the_file_flag() -> None:
     assert DiscoveryConfig("file", file="x.json").configured_roles() == frozenset()
 
 
-@pytest_asyncio.fixture
-async def cluster() -> AsyncIterator[FakeCluster]:
-    c = FakeCluster()
-    yield c
-    await c.stop()
-
-
-@pytest_asyncio.fixture
-async def live() -> AsyncIterator[LiveRouter]:
-    r = LiveRouter(source="file")
-    yield r
-    await r.close()
+live = live_router_fixture("file")
 
 
 async def run_source(source: FileDiscovery, feed: DiscoveryFeed) -> asyncio.Task[None]:

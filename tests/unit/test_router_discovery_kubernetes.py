@@ -12,13 +12,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import pytest_asyncio
 from test_router_discovery_kubernetes_double import FakeKubernetesAPI, endpoint
-from test_router_membership_fakes import LONG, LiveRouter, add_pod, no_leaks, request, until
+from test_router_membership_fakes import LONG, LiveRouter, add_pod, no_leaks, request, until, cluster, live_router_fixture  # noqa: F401 - cluster is a fixture
 from test_router_orchestrator_fakes import FakeCluster, reference
 
 from splitserve.proto import splitserve_v1_pb2 as pb
@@ -91,18 +90,7 @@ def api(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeKuberne
     double.stop()
 
 
-@pytest_asyncio.fixture
-async def cluster() -> AsyncIterator[FakeCluster]:
-    c = FakeCluster()
-    yield c
-    await c.stop()
-
-
-@pytest_asyncio.fixture
-async def live() -> AsyncIterator[LiveRouter]:
-    r = LiveRouter(source="kubernetes")
-    yield r
-    await r.close()
+live = live_router_fixture("kubernetes")
 
 
 async def pods_on_one_port(cluster: FakeCluster, *specs: tuple[str, int]) -> tuple[int, list]:

@@ -4,11 +4,9 @@ requests run over real gRPC against fake Engine pods (test doubles)."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 
 import pytest
-import pytest_asyncio
-from test_router_membership_fakes import LONG, LiveRouter, add_pod, no_leaks, request, until
+from test_router_membership_fakes import LONG, LiveRouter, add_pod, no_leaks, request, until, cluster, live_router_fixture  # noqa: F401 - cluster is a fixture
 from test_router_orchestrator_fakes import FakeCluster, reference
 
 from splitserve.engine.block_hash import hash_prompt_blocks
@@ -59,18 +57,7 @@ def test_an_address_twice_with_different_roles_is_rejected() -> None:
     assert DiscoveredPod("decode", "[fd00::1]:50051").address == "[fd00::1]:50051"
 
 
-@pytest_asyncio.fixture
-async def cluster() -> AsyncIterator[FakeCluster]:
-    c = FakeCluster()
-    yield c
-    await c.stop()
-
-
-@pytest_asyncio.fixture
-async def live() -> AsyncIterator[LiveRouter]:
-    r = LiveRouter()
-    yield r
-    await r.close()
+live = live_router_fixture()
 
 
 

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
+import pytest_asyncio
 from test_router_orchestrator_fakes import BLOCK, EOS, FakeCluster, FakeEngine
 
 from splitserve.engine.block_hash import hash_prompt_blocks
@@ -163,3 +164,22 @@ async def http_router(tokenizer: Any, tracker: bool = False, **config: Any) -> A
         await server.stop()
         await parts.watcher.stop()
         await parts.orchestrator.aclose()
+
+
+@pytest_asyncio.fixture
+async def cluster() -> AsyncIterator[FakeCluster]:
+    """Fake Engine pods on real gRPC ports, stopped after the test."""
+    c = FakeCluster()
+    yield c
+    await c.stop()
+
+
+def live_router_fixture(source: str = "test"):  # noqa: ANN201 - a pytest fixture
+    """A ``live`` fixture: a ``LiveRouter`` whose metrics name ``source``."""
+    @pytest_asyncio.fixture
+    async def live() -> AsyncIterator[LiveRouter]:
+        r = LiveRouter(source=source)
+        yield r
+        await r.close()
+
+    return live

@@ -6,7 +6,6 @@ too) and asks the kernel to SIGTERM it if the parent dies, so even a
 """
 from __future__ import annotations
 
-import ctypes
 import os
 import signal
 import subprocess
@@ -17,13 +16,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
-_PR_SET_PDEATHSIG = 1
 
-
-def _die_with_parent() -> None:
-    if sys.platform.startswith("linux"):
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+def _watched(argv: Sequence[str]) -> list[str]:
+    """``argv`` behind the exec shim that SIGTERMs it when we die."""
+    return [sys.executable, "-m", "splitserve.local.parent_watch", str(os.getpid()), *argv]
 
 
 @dataclass
@@ -65,12 +61,11 @@ class ProcessGroup:
             log = open(log_path, "ab")  # noqa: SIM115 - the child owns it
         try:
             popen = subprocess.Popen(
-                list(argv),
+                _watched(argv),
                 env={**os.environ, **(env or {})},
                 stdout=log,
                 stderr=subprocess.STDOUT if log is not None else None,
                 start_new_session=True,
-                preexec_fn=_die_with_parent,
             )
         finally:
             if log is not None:

@@ -276,6 +276,7 @@ def test_kill_9_of_a_decode_pod_under_load_is_replaced_and_streams_continue(
     up.cli("scale", "decode=2", "--wait")
     failovers = router_counter(up, "splitserve:router_retries_total", role="decode")
     with SteadyLoad(up) as load:
+        long = _in_background(up, LONG)  # streams of seconds: the kill cuts at least one
         victim = _busiest_decode_pod(up)
         os.kill(victim["pid"], signal.SIGKILL)
         deadline = time.monotonic() + 60
@@ -286,11 +287,13 @@ def test_kill_9_of_a_decode_pod_under_load_is_replaced_and_streams_continue(
         served = len(load.outcomes)
         while len(load.outcomes) < served + 6:
             time.sleep(0.1)
+        long_outcomes = [future.result(timeout=300) for future in long]
     names = {p["name"] for p in up.pods("decode")}
     assert victim["name"] not in names and len(names) == 2
     assert f"{victim['name']} exited with code -9; replacing it" in up.events()
     assert router_counter(up, "splitserve:router_retries_total", role="decode") > failovers
     assert_exact(load.outcomes, reference, at_least=10)
+    assert_exact(long_outcomes, reference, at_least=len(LONG))
     assert_pods_clean(up)
 
 

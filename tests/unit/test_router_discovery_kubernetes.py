@@ -1,6 +1,6 @@
 """``--discovery kubernetes`` through the REAL ``kubernetes`` client, over a
 socket, against a TEST DOUBLE of the API server (tests/unit/
-test_router_discovery_kubernetes_double.py; not a cluster), pointed at by a
+kubernetes_api_double.py; not a cluster), pointed at by a
 generated kubeconfig. Pods are fake Engine servers (test doubles) on
 127.0.0.2.. sharing one port, as a Service's endpoints do.
 
@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from test_router_discovery_kubernetes_double import FakeKubernetesAPI, endpoint
+from kubernetes_api_double import FakeKubernetesAPI, endpoint
 from test_router_membership_fakes import LONG, LiveRouter, add_pod, no_leaks, request, until, cluster, live_router_fixture  # noqa: F401 - cluster is a fixture
 from test_router_orchestrator_fakes import FakeCluster, reference
 

@@ -20,9 +20,26 @@ class TokenDecoder(Protocol):
     def decode(self, token_ids: Sequence[int], skip_special_tokens: bool = ...) -> str: ...
 
 
-def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int | None = None) -> dict[str, Any]:
+    """OpenAI's usage; ``prompt_tokens_details.cached_tokens`` when
+    ``cached_tokens`` is given (vLLM: ``--enable-prompt-tokens-details``)."""
+    body: dict[str, Any] = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                            "total_tokens": prompt_tokens + completion_tokens}
+    if cached_tokens is not None:
+        body["prompt_tokens_details"] = {"cached_tokens": cached_tokens}
+    return body
+
+
+def model_list(names: Sequence[str], created: int, root: str, max_model_len: int) -> dict[str, Any]:
+    """``/v1/models`` as vLLM's server answers it."""
+    return {"object": "list", "data": [
+        {"id": name, "object": "model", "created": created, "owned_by": "splitserve", "root": root,
+         "parent": None, "max_model_len": max_model_len,
+         "permission": [{"id": f"modelperm-{name}", "object": "model_permission", "created": created,
+                         "allow_create_engine": False, "allow_sampling": True, "allow_logprobs": True,
+                         "allow_search_indices": False, "allow_view": True, "allow_fine_tuning": False,
+                         "organization": "*", "group": None, "is_blocking": False}]}
+        for name in names]}
 
 
 def _token_str(tokenizer: TokenDecoder, token_id: int) -> str:
@@ -78,9 +95,13 @@ class CompletionLogprobsBuilder:
                 "top_logprobs": top_logprobs, "text_offset": text_offset}
 
 
-def chat_choice(index: int, text: str, finish_reason: str | None,
-                logprobs: list[dict[str, Any]] | None) -> dict[str, Any]:
-    return {"index": index, "message": {"role": "assistant", "content": text},
+def chat_choice(index: int, text: str | None, finish_reason: str | None,
+                logprobs: list[dict[str, Any]] | None,
+                tool_calls: Sequence[dict[str, Any]] | None = None) -> dict[str, Any]:
+    message: dict[str, Any] = {"role": "assistant", "content": text}
+    if tool_calls:
+        message["tool_calls"] = list(tool_calls)
+    return {"index": index, "message": message,
             "logprobs": None if logprobs is None else {"content": logprobs},
             "finish_reason": finish_reason}
 

@@ -1,7 +1,8 @@
 """Validated, tokenized generation input: OpenAI request bodies -> ``GenerationInput``.
 
 Everything a client can get wrong is checked here, before any backend call:
-model name, limits, parameter ranges, prompt token ids.
+model name, limits, parameter ranges, prompt token ids, refused fields and
+structured-output constraints (compiled once: a bad schema is a 400 here).
 """
 from __future__ import annotations
 
@@ -12,9 +13,13 @@ from typing import Any, Literal, Protocol
 
 from splitserve.engine.errors import InvalidRequestError
 from splitserve.engine.sampling_params import SamplingParams
+from splitserve.engine.structured import Constraint
+from splitserve.router.constraints import ConstraintChecker, checked_constraint
 from splitserve.router.errors import bad_request, model_not_found
-from splitserve.router.protocol import ChatCompletionRequest, ChatMessage, CompletionRequest, _SamplingFields
+from splitserve.router.protocol import (REFUSED_FIELDS, ChatCompletionRequest, ChatMessage, CompletionRequest,
+                                        DetokenizeRequest, TokenizeRequest, _SamplingFields)
 from splitserve.router.settings import RouterSettings
+from splitserve.router.tool_calls import ToolCallPlan, tool_call_plan
 
 Endpoint = Literal["chat", "completion"]
 
@@ -23,6 +28,10 @@ class ChatTokenizer(Protocol):
     """The Hugging Face tokenizer methods used to build prompts."""
 
     def encode(self, text: str, add_special_tokens: bool = ...) -> list[int]: ...
+
+    def decode(self, token_ids: Any, skip_special_tokens: bool = ...) -> str: ...
+
+    def convert_ids_to_tokens(self, ids: Any) -> Any: ...
 
     def apply_chat_template(self, conversation: Any, **kwargs: Any) -> Any: ...
 
@@ -36,6 +45,9 @@ class GenerationInput:
     ``prompts`` holds one token-id prompt per completions prompt (chat: one);
     each gets ``sampling_params.n`` choices, numbered prompt-major as vLLM.
     ``logprobs`` is the number of alternatives per token (None: no logprobs).
+    ``echo_prompts`` (completions with ``echo``) is each prompt's text, put
+    before its choices' text; ``tool_plan`` (chat with tools) says how the
+    output becomes ``tool_calls``.
     """
 
     endpoint: Endpoint
@@ -49,6 +61,8 @@ class GenerationInput:
     logprobs: int | None = None
     cache_salt: str | None = None
     user: str | None = None
+    echo_prompts: tuple[str, ...] | None = None
+    tool_plan: ToolCallPlan | None = None
     arrival_time: float = field(default_factory=time.monotonic)
 
     @property
@@ -66,29 +80,42 @@ class GenerationInput:
 
 
 def chat_input(request: ChatCompletionRequest, tokenizer: ChatTokenizer,
-               settings: RouterSettings, arrival_time: float) -> GenerationInput:
-    """Apply the chat template (as vLLM: render text, then tokenize without
-    adding special tokens again) and validate."""
+               settings: RouterSettings, arrival_time: float,
+               constraints: ConstraintChecker | None = None) -> GenerationInput:
+    """Apply the chat template (as vLLM: render text with the tools, then
+    tokenize without adding special tokens again) and validate."""
     _check_model(request.model, settings)
+    _refuse_fields(request)
+    plan = tool_call_plan(request.tools, request.tool_choice, settings.tool_call_parser)
+    constraint = checked_constraint(constraints, request.response_format, request.structured_outputs,
+                                    plan.schema if plan is not None else None)
     if request.top_logprobs is not None and not request.logprobs:
         raise bad_request("top_logprobs requires logprobs=true", "top_logprobs")
     logprobs = (request.top_logprobs or 0) if request.logprobs else None
     max_tokens = request.max_completion_tokens if request.max_completion_tokens is not None else request.max_tokens
     conversation = [_message_dict(m) for m in request.messages]
+    template_kwargs: dict[str, Any] = {}
+    if request.tools and request.tool_choice != "none":
+        template_kwargs["tools"] = [t.model_dump(exclude_none=True) for t in request.tools]
     try:
-        text = tokenizer.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
+        text = tokenizer.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False,
+                                             **template_kwargs)
     except Exception as exc:  # jinja errors: the template refused these messages
         raise bad_request(f"the chat template failed on these messages: {exc}", "messages") from None
     prompt = tuple(tokenizer.encode(text, add_special_tokens=False))
-    return _build("chat", request, (prompt,), max_tokens, logprobs, settings, arrival_time)
+    return _build("chat", request, (prompt,), max_tokens, logprobs, settings, arrival_time, constraint,
+                  tool_plan=plan)
 
 
 def completion_input(request: CompletionRequest, tokenizer: ChatTokenizer,
-                     settings: RouterSettings, arrival_time: float) -> GenerationInput:
+                     settings: RouterSettings, arrival_time: float,
+                     constraints: ConstraintChecker | None = None) -> GenerationInput:
     """Tokenize the prompt(s): a string, strings, token ids or lists of ids."""
     _check_model(request.model, settings)
-    if request.echo:
-        raise bad_request("echo=true is not supported by this server; send echo=false", "echo")
+    _refuse_fields(request)
+    if request.echo and request.logprobs is not None:
+        raise bad_request("echo=true with logprobs needs prompt logprobs, which this server does not compute; "
+                          "send echo=false or no logprobs", "echo")
     if request.suffix:
         raise bad_request("suffix is not supported by this server", "suffix")
     raw = request.prompt
@@ -97,25 +124,32 @@ def completion_input(request: CompletionRequest, tokenizer: ChatTokenizer,
     if not raw:
         raise bad_request("prompt must not be empty", "prompt")
     prompts: list[tuple[int, ...]] = []
+    texts: list[str] = []
     vocab_size = len(tokenizer)
     for item in raw:
         if isinstance(item, str):
             prompts.append(tuple(tokenizer.encode(item, add_special_tokens=True)))
+            texts.append(item)
         else:
             bad = [t for t in item if not 0 <= t < vocab_size]
             if bad:
                 raise bad_request(f"token id {bad[0]} is out of vocabulary (size {vocab_size})", "prompt")
             prompts.append(tuple(item))
+            if request.echo:
+                texts.append(tokenizer.decode(list(item)))
     if request.logprobs is not None and not 0 <= request.logprobs <= SamplingParams.MAX_LOGPROBS:
         raise bad_request(f"logprobs must be in [0, {SamplingParams.MAX_LOGPROBS}], got {request.logprobs}",
                           "logprobs")
+    constraint = checked_constraint(constraints, request.response_format, request.structured_outputs)
     return _build("completion", request, tuple(prompts), request.max_tokens, request.logprobs,
-                  settings, arrival_time)
+                  settings, arrival_time, constraint,
+                  echo_prompts=tuple(texts) if request.echo else None)
 
 
 def _build(endpoint: Endpoint, request: _SamplingFields, prompts: tuple[tuple[int, ...], ...],
            max_tokens: int | None, logprobs: int | None, settings: RouterSettings,
-           arrival_time: float) -> GenerationInput:
+           arrival_time: float, constraint: Constraint | None,
+           echo_prompts: tuple[str, ...] | None = None, tool_plan: ToolCallPlan | None = None) -> GenerationInput:
     for prompt in prompts:
         if not prompt:
             raise bad_request("the prompt has no tokens; send a non-empty prompt", "prompt")
@@ -135,7 +169,7 @@ def _build(endpoint: Endpoint, request: _SamplingFields, prompts: tuple[tuple[in
         raise bad_request(f"at most {settings.max_stop_strings} stop strings, got {len(stop)}", "stop")
     if request.stream_options is not None and not request.stream:
         raise bad_request("stream_options can only be given when stream=true", "stream_options")
-    sampling = _sampling_params(request, max_tokens, logprobs)
+    sampling = _sampling_params(request, max_tokens, logprobs, constraint)
     options = request.stream_options
     return GenerationInput(
         endpoint=endpoint, model=request.model, prompts=prompts, sampling_params=sampling,
@@ -143,15 +177,26 @@ def _build(endpoint: Endpoint, request: _SamplingFields, prompts: tuple[tuple[in
         include_usage=bool(options and options.include_usage),
         continuous_usage_stats=bool(options and options.continuous_usage_stats),
         logprobs=logprobs, cache_salt=request.cache_salt, user=request.user,
-        arrival_time=arrival_time)
+        echo_prompts=echo_prompts, tool_plan=tool_plan, arrival_time=arrival_time)
 
 
-def _sampling_params(request: _SamplingFields, max_tokens: int, logprobs: int | None) -> SamplingParams:
+def _refuse_fields(request: _SamplingFields) -> None:
+    """A 400 naming the first known-but-unserved field the request sets."""
+    for name, why in REFUSED_FIELDS.items():
+        if name in request.model_fields_set and getattr(request, name) not in (None, False, {}, []):
+            raise bad_request(f"{why}; leave {name} unset", name)
+    if request.best_of is not None and request.best_of != request.n:
+        raise bad_request(f"best_of other than n is not supported by this server (got best_of={request.best_of}, "
+                          f"n={request.n})", "best_of")
+
+
+def _sampling_params(request: _SamplingFields, max_tokens: int, logprobs: int | None,
+                     constraint: Constraint | None) -> SamplingParams:
     values: dict[str, Any] = {
         "n": request.n, "max_tokens": max_tokens, "min_tokens": request.min_tokens,
         "seed": request.seed, "stop_token_ids": list(request.stop_token_ids or []),
         "ignore_eos": request.ignore_eos, "logprobs": logprobs,
-        "skip_special_tokens": request.skip_special_tokens,
+        "skip_special_tokens": request.skip_special_tokens, "constraint": constraint,
     }
     for name in ("temperature", "top_p", "top_k", "min_p", "presence_penalty",
                  "frequency_penalty", "repetition_penalty"):
@@ -162,6 +207,44 @@ def _sampling_params(request: _SamplingFields, max_tokens: int, logprobs: int | 
         return SamplingParams(**values)
     except InvalidRequestError as exc:
         raise bad_request(str(exc)) from None
+
+
+def tokenize(request: TokenizeRequest, tokenizer: ChatTokenizer, settings: RouterSettings) -> dict[str, Any]:
+    """vLLM's ``/tokenize``: the prompt's ids as a completions (``prompt``,
+    special tokens added by default) or chat (``messages``, templated, none
+    added by default) request would send them."""
+    if request.model is not None:
+        _check_model(request.model, settings)
+    if (request.prompt is None) == (request.messages is None):
+        raise bad_request("send exactly one of prompt and messages", "prompt")
+    if request.messages is not None:
+        kwargs: dict[str, Any] = {"add_generation_prompt": request.add_generation_prompt,
+                                  "continue_final_message": request.continue_final_message}
+        if request.tools:
+            kwargs["tools"] = [t.model_dump(exclude_none=True) for t in request.tools]
+        try:
+            text = tokenizer.apply_chat_template([_message_dict(m) for m in request.messages], tokenize=False,
+                                                 **kwargs)
+        except Exception as exc:  # jinja errors: the template refused these messages
+            raise bad_request(f"the chat template failed on these messages: {exc}", "messages") from None
+        add_special = bool(request.add_special_tokens)
+    else:
+        text = request.prompt or ""
+        add_special = request.add_special_tokens is not False
+    ids = tokenizer.encode(text, add_special_tokens=add_special)
+    strs = tokenizer.convert_ids_to_tokens(ids) if request.return_token_strs else None
+    return {"count": len(ids), "max_model_len": settings.max_prompt_tokens, "tokens": ids, "token_strs": strs}
+
+
+def detokenize(request: DetokenizeRequest, tokenizer: ChatTokenizer, settings: RouterSettings) -> dict[str, Any]:
+    """vLLM's ``/detokenize``: ``{"prompt": text}`` (special tokens kept)."""
+    if request.model is not None:
+        _check_model(request.model, settings)
+    vocab_size = len(tokenizer)
+    bad = [t for t in request.tokens if not 0 <= t < vocab_size]
+    if bad:
+        raise bad_request(f"token id {bad[0]} is out of vocabulary (size {vocab_size})", "tokens")
+    return {"prompt": tokenizer.decode(request.tokens)}
 
 
 def _check_model(model: str, settings: RouterSettings) -> None:

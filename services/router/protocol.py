@@ -3,11 +3,14 @@
 Strict types, as OpenAI: ``"max_tokens": "5"`` is a 400, not a coercion.
 Unknown fields are ignored, as vLLM does. vLLM's extensions are accepted:
 ``top_k``, ``min_p``, ``repetition_penalty``, ``ignore_eos``, ``min_tokens``,
-``stop_token_ids``, ``skip_special_tokens``, ``cache_salt``.
+``stop_token_ids``, ``skip_special_tokens``, ``cache_salt``, ``structured_outputs``.
+Fields this server knows but does not serve are declared (``REFUSED_FIELDS``)
+so that a request setting one gets a 400 naming it instead of being silently
+served without it.
 """
 from __future__ import annotations
 
-from typing import Literal, Union
+from typing import Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -54,6 +57,48 @@ class _SamplingFields(_Strict):
     stop_token_ids: list[int] | None = None
     skip_special_tokens: bool = True
     cache_salt: str | None = Field(default=None, min_length=1)
+    response_format: dict[str, Any] | None = None
+    structured_outputs: dict[str, Any] | None = None
+    # Known, not served (REFUSED_FIELDS): a value other than the default is a 400.
+    logit_bias: dict[str, float] | None = None
+    prompt_logprobs: int | None = None
+    best_of: int | None = None
+    use_beam_search: bool = False
+    bad_words: list[str] | None = None
+    allowed_token_ids: list[int] | None = None
+    logits_processors: list[Any] | None = None
+
+
+REFUSED_FIELDS: dict[str, str] = {
+    "logit_bias": "logit_bias is not supported by this server",
+    "prompt_logprobs": "prompt_logprobs is not supported by this server (prompt logprobs are not computed)",
+    "use_beam_search": "beam search is not supported by this server",
+    "bad_words": "bad_words is not supported by this server",
+    "allowed_token_ids": "allowed_token_ids is not supported by this server",
+    "logits_processors": "logits_processors are not supported by this server",
+}
+"""Request fields refused when set (to anything but their default), with why."""
+
+
+class FunctionDefinition(_Strict):
+    name: str = Field(min_length=1)
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class ChatTool(_Strict):
+    type: Literal["function"] = "function"
+    function: FunctionDefinition
+
+
+class NamedFunction(_Strict):
+    name: str
+
+
+class NamedToolChoice(_Strict):
+    type: Literal["function"] = "function"
+    function: NamedFunction
 
 
 class ChatCompletionRequest(_SamplingFields):
@@ -61,6 +106,9 @@ class ChatCompletionRequest(_SamplingFields):
     max_completion_tokens: int | None = None
     logprobs: bool = False
     top_logprobs: int | None = None
+    tools: list[ChatTool] | None = None
+    tool_choice: Union[Literal["none", "auto", "required"], NamedToolChoice, None] = None
+    parallel_tool_calls: bool | None = None
 
 
 class CompletionRequest(_SamplingFields):
@@ -68,3 +116,22 @@ class CompletionRequest(_SamplingFields):
     logprobs: int | None = None
     echo: bool = False
     suffix: str | None = None
+
+
+class TokenizeRequest(_Strict):
+    """vLLM's ``/tokenize`` body: ``prompt`` (completion form) or ``messages``
+    (chat form, rendered with the chat template)."""
+
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    add_special_tokens: bool | None = None
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    return_token_strs: bool = False
+    tools: list[ChatTool] | None = None
+
+
+class DetokenizeRequest(_Strict):
+    model: str | None = None
+    tokens: list[int]

@@ -15,12 +15,15 @@ from splitserve.engine.request import TokenLogprobs
 from splitserve.router import formatting as fmt
 from splitserve.router.backend import BackendError, BackendRequest, BackendUnavailableError, GenerationBackend
 from splitserve.router.choice_stream import ChoiceDelta, merge_choices, stream_choice
+from splitserve.router.constraints import ConstraintChecker
 from splitserve.router.detokenizer import Tokenizer
 from splitserve.router.errors import OpenAIError, internal_error, service_unavailable
-from splitserve.router.inputs import ChatTokenizer, GenerationInput, chat_input, completion_input
+from splitserve.router.inputs import (ChatTokenizer, GenerationInput, chat_input, completion_input, detokenize,
+                                     tokenize)
 from splitserve.router.metrics import RouterMetrics
-from splitserve.router.protocol import ChatCompletionRequest, CompletionRequest
+from splitserve.router.protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
 from splitserve.router.settings import RouterSettings
+from splitserve.router.tool_calls import ToolCallStream, parse_output
 
 _OBJECTS = {"chat": ("chatcmpl", "chat.completion"), "completion": ("cmpl", "text_completion")}
 
@@ -37,6 +40,7 @@ class _Choice:
     num_tokens: int = 0
     logprobs: list[TokenLogprobs] = field(default_factory=list)
     finish_reason: str | None = None
+    num_cached_tokens: int = 0
 
 
 class OpenAIServing:
@@ -49,13 +53,23 @@ class OpenAIServing:
         self.tokenizer = tokenizer
         self.settings = settings
         self.metrics = metrics or RouterMetrics()
+        self.constraints = ConstraintChecker()
         self._clock = clock
 
     def list_models(self) -> dict[str, Any]:
-        created = int(self._clock())
-        return {"object": "list", "data": [
-            {"id": name, "object": "model", "created": created, "owned_by": "splitserve"}
-            for name in self.settings.served_model_names]}
+        """vLLM's ``/v1/models`` entries (``root``, ``parent``,
+        ``max_model_len``, ``permission``)."""
+        return fmt.model_list(self.settings.served_model_names, int(self._clock()),
+                              self.settings.model_root or self.settings.model_name,
+                              self.settings.max_prompt_tokens)
+
+    def tokenize(self, request: TokenizeRequest) -> dict[str, Any]:
+        """vLLM's ``/tokenize``: ``{count, max_model_len, tokens, token_strs}``."""
+        return tokenize(request, self.tokenizer, self.settings)
+
+    def detokenize(self, request: DetokenizeRequest) -> dict[str, Any]:
+        """vLLM's ``/detokenize``: ``{prompt}``."""
+        return detokenize(request, self.tokenizer, self.settings)
 
     def chat_input(self, request: ChatCompletionRequest, arrival_time: float) -> GenerationInput:
         return self._counted("chat", chat_input, request, arrival_time)
@@ -66,7 +80,7 @@ class OpenAIServing:
     def _counted(self, endpoint: str, build: Callable[..., GenerationInput], request: Any,
                  arrival_time: float) -> GenerationInput:
         try:
-            return build(request, self.tokenizer, self.settings, arrival_time)
+            return build(request, self.tokenizer, self.settings, arrival_time, self.constraints)
         except OpenAIError:
             self.metrics.requests.labels(endpoint, "rejected").inc()
             raise
@@ -86,6 +100,7 @@ class OpenAIServing:
                     choice.num_tokens += len(delta.token_ids)
                     choice.logprobs.extend(delta.logprobs or ())
                     choice.finish_reason = delta.finish_reason or choice.finish_reason
+                    choice.num_cached_tokens = max(choice.num_cached_tokens, delta.num_cached_tokens)
         except BackendError as exc:
             raise _backend_error(exc) from None
         bodies = []
@@ -94,13 +109,31 @@ class OpenAIServing:
             if inp.endpoint == "chat":
                 lp = (fmt.chat_logprobs_content(self.tokenizer, choice.logprobs, inp.logprobs or 0)
                       if inp.logprobs is not None else None)
-                bodies.append(fmt.chat_choice(index, text, choice.finish_reason, lp))
+                if inp.tool_plan is None:
+                    bodies.append(fmt.chat_choice(index, text, choice.finish_reason, lp))
+                    continue
+                parsed = parse_output(inp.tool_plan, text)
+                finish = ("tool_calls" if parsed.tool_calls and inp.tool_plan.mode != "named"
+                          else choice.finish_reason)
+                bodies.append(fmt.chat_choice(index, parsed.content, finish, lp, parsed.tool_calls))
             else:
+                if inp.echo_prompts is not None:
+                    text = inp.echo_prompts[index // inp.sampling_params.n] + text
                 clp = (fmt.CompletionLogprobsBuilder(self.tokenizer, inp.logprobs).build(choice.logprobs)
                        if inp.logprobs is not None else None)
                 bodies.append(fmt.completion_choice(index, text, choice.finish_reason, clp))
-        usage = fmt.usage(sum(len(p) for p in inp.prompts), sum(c.num_tokens for c in choices))
+        usage = fmt.usage(sum(len(p) for p in inp.prompts), sum(c.num_tokens for c in choices),
+                          self._cached_tokens(inp, [c.num_cached_tokens for c in choices]))
         return fmt.envelope(request_id, obj, created, inp.model, bodies, usage)
+
+    def _cached_tokens(self, inp: GenerationInput, per_choice: list[int]) -> int | None:
+        """Prompt tokens served from a prefix cache, summed over prompts (each
+        prompt counted once: the most any of its choices found), when
+        ``enable_prompt_tokens_details``; else None."""
+        if not self.settings.enable_prompt_tokens_details:
+            return None
+        n = inp.sampling_params.n
+        return sum(max(per_choice[i:i + n]) for i in range(0, len(per_choice), n))
 
     async def generate_stream(self, inp: GenerationInput) -> AsyncIterator[str]:
         """Yield server-sent events (``data: ...\\n\\n``) ending with ``[DONE]``.
@@ -114,11 +147,16 @@ class OpenAIServing:
         obj = obj + ".chunk" if inp.endpoint == "chat" else obj
         prompt_tokens = sum(len(p) for p in inp.prompts)
         completion_tokens = 0
+        cached = [0] * inp.num_choices
         builders = [fmt.CompletionLogprobsBuilder(self.tokenizer, inp.logprobs or 0)
                     for _ in range(inp.num_choices)]
+        tools = ([ToolCallStream(inp.tool_plan) for _ in range(inp.num_choices)]
+                 if inp.tool_plan is not None else None)
+        echo = list(range(inp.num_choices)) if inp.echo_prompts is not None else []
 
         def event(choices: list[dict[str, Any]], with_usage: bool) -> str:
-            usage = fmt.usage(prompt_tokens, completion_tokens) if with_usage else None
+            usage = (fmt.usage(prompt_tokens, completion_tokens, self._cached_tokens(inp, cached))
+                     if with_usage else None)
             body = fmt.envelope(request_id, obj, created, inp.model, choices, usage)
             return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
 
@@ -130,6 +168,17 @@ class OpenAIServing:
             async with aclosing(self._deltas(inp, request_id)) as deltas:
                 async for delta in deltas:
                     completion_tokens += len(delta.token_ids)
+                    cached[delta.index] = max(cached[delta.index], delta.num_cached_tokens)
+                    if inp.echo_prompts is not None and delta.index in echo:
+                        # As vLLM: a choice's prompt text comes with its first delta.
+                        echo.remove(delta.index)
+                        prompt_text = inp.echo_prompts[delta.index // inp.sampling_params.n]
+                        delta = replace(delta, text=prompt_text + delta.text)
+                    if tools is not None:
+                        choice = self._tool_choice(inp, delta, tools[delta.index])
+                        if choice is not None:
+                            yield event([choice], inp.continuous_usage_stats)
+                        continue
                     if not delta.text and delta.finish_reason is None and inp.logprobs is None:
                         continue
                     yield event([self._stream_choice(inp, delta, builders)], inp.continuous_usage_stats)
@@ -140,6 +189,15 @@ class OpenAIServing:
             if inp.include_usage:
                 yield event([], True)
         yield "data: [DONE]\n\n"
+
+    def _tool_choice(self, inp: GenerationInput, delta: ChoiceDelta,
+                     stream: ToolCallStream) -> dict[str, Any] | None:
+        body, finish = stream.feed(delta.text, delta.finish_reason is not None)
+        if body is None and inp.logprobs is None:
+            return None
+        lp = (fmt.chat_logprobs_content(self.tokenizer, delta.logprobs or (), inp.logprobs or 0)
+              if inp.logprobs is not None else None)
+        return fmt.chat_delta_choice(delta.index, body or {}, finish or delta.finish_reason, lp)
 
     def _stream_choice(self, inp: GenerationInput, delta: ChoiceDelta,
                        builders: list[fmt.CompletionLogprobsBuilder]) -> dict[str, Any]:

@@ -24,6 +24,11 @@ class RouterSettings:
     when a request gives none (None: ``max_tokens_limit``).
     ``block_size`` must equal the engines' KV block size (block hashes for
     routing).
+    ``tool_call_parser`` ("hermes") turns on ``tool_choice: "auto"`` (vLLM's
+    ``--enable-auto-tool-choice --tool-call-parser``); None refuses it.
+    ``enable_prompt_tokens_details`` adds ``usage.prompt_tokens_details``
+    (``cached_tokens``) as vLLM's flag of that name. ``model_root`` is the
+    model path ``/v1/models`` reports as ``root``.
     """
 
     served_model_names: tuple[str, ...] = ("splitserve",)
@@ -35,6 +40,9 @@ class RouterSettings:
     max_request_body_bytes: int = 4 * 1024 * 1024
     max_stop_strings: int = 16
     block_size: int = 16
+    tool_call_parser: str | None = None
+    enable_prompt_tokens_details: bool = False
+    model_root: str | None = None
 
     def __post_init__(self) -> None:
         if not self.served_model_names or not all(self.served_model_names):
@@ -49,6 +57,8 @@ class RouterSettings:
             raise ValueError(
                 f"default_max_tokens ({self.default_max_tokens}) must be in "
                 f"[1, max_tokens_limit={self.max_tokens_limit}]")
+        if self.tool_call_parser not in (None, "hermes"):
+            raise ValueError(f"tool_call_parser must be 'hermes' (or unset), got {self.tool_call_parser!r}")
         if self.api_key == "":
             raise ValueError(f"{API_KEY_ENV} is set but empty; unset it for an open API or set a key")
 

@@ -1,0 +1,72 @@
+"""A request's structured-output constraint: read from ``response_format``,
+vLLM's ``structured_outputs`` or a tool-call schema, and compiled once here
+so that a bad one is a 400 before any pod sees it."""
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from typing import Any
+
+from splitserve.engine.errors import InvalidRequestError
+from splitserve.engine.structured import Constraint, compile_check
+from splitserve.router.errors import bad_request
+
+
+def request_constraint(response_format: dict[str, Any] | None, structured_outputs: dict[str, Any] | None,
+                       tool_schema: dict[str, Any] | None = None) -> tuple[Constraint | None, str | None]:
+    """The constraint of a request and the field it came from (for 400s):
+    at most one of ``response_format`` (other than ``text``),
+    ``structured_outputs`` and a tool-call schema may constrain the output.
+    Raises a 400 naming the field whose shape is wrong."""
+    found: list[tuple[Constraint, str]] = []
+    for param, build, value in (("response_format", Constraint.from_response_format, response_format),
+                                ("structured_outputs", Constraint.from_structured_outputs, structured_outputs)):
+        try:
+            constraint = build(value)
+        except InvalidRequestError as exc:
+            raise bad_request(str(exc), param) from None
+        if constraint is not None:
+            found.append((constraint, param))
+    if tool_schema is not None:
+        found.append((Constraint.json_schema(tool_schema), "tool_choice"))
+    if len(found) > 1:
+        names = " and ".join(param for _, param in found)
+        raise bad_request(f"only one structured-output constraint per request: got {names}", found[1][1])
+    return found[0] if found else (None, None)
+
+
+class ConstraintChecker:
+    """Compiles constraints with llguidance (grammar only, no vocabulary) and
+    remembers the ones that compiled, so a schema sent on every request is
+    compiled once per router. Thread-safe; bounded."""
+
+    def __init__(self, max_cached: int = 512) -> None:
+        self.max_cached = max_cached
+        self._lock = threading.Lock()
+        self._good: OrderedDict[Constraint, None] = OrderedDict()
+
+    def check(self, constraint: Constraint, param: str | None) -> None:
+        """Return when ``constraint`` compiles; else raise a 400 naming the
+        problem (and ``param``, the request field it came from)."""
+        with self._lock:
+            if constraint in self._good:
+                self._good.move_to_end(constraint)
+                return
+        try:
+            compile_check(constraint)
+        except InvalidRequestError as exc:
+            raise bad_request(f"{param}: {exc}" if param else str(exc), param) from None
+        with self._lock:
+            self._good[constraint] = None
+            while len(self._good) > self.max_cached:
+                self._good.popitem(last=False)
+
+
+def checked_constraint(checker: ConstraintChecker | None, response_format: dict[str, Any] | None,
+                       structured_outputs: dict[str, Any] | None,
+                       tool_schema: dict[str, Any] | None = None) -> Constraint | None:
+    """``request_constraint`` then ``check`` (a fresh checker when None)."""
+    constraint, param = request_constraint(response_format, structured_outputs, tool_schema)
+    if constraint is not None:
+        (checker or ConstraintChecker()).check(constraint, param)
+    return constraint

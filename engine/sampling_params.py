@@ -1,6 +1,7 @@
 """Per-request sampling parameters, shaped like vLLM's ``SamplingParams``."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -87,11 +88,11 @@ class SamplingParams:
                 f"min_tokens ({self.min_tokens}) must be <= max_tokens ({self.max_tokens})",
             )
         _check(_is_number(self.temperature) and self.temperature >= 0.0,
-               f"temperature must be >= 0, got {self.temperature!r}")
+               f"temperature must be a finite number >= 0, got {self.temperature!r}")
         _check(_is_number(self.top_p) and 0.0 < self.top_p <= 1.0,
                f"top_p must be in (0, 1], got {self.top_p!r}")
-        _check(isinstance(self.top_k, int) and self.top_k >= 0,
-               f"top_k must be -1, 0 (disabled) or a positive integer, got {self.top_k!r}")
+        _check(isinstance(self.top_k, int) and 0 <= self.top_k < 2**31,
+               f"top_k must be -1, 0 (disabled) or a positive integer below 2^31, got {self.top_k!r}")
         _check(_is_number(self.min_p) and 0.0 <= self.min_p <= 1.0,
                f"min_p must be in [0, 1], got {self.min_p!r}")
         _check(_is_number(self.presence_penalty) and -2.0 <= self.presence_penalty <= 2.0,
@@ -103,8 +104,8 @@ class SamplingParams:
         if self.seed is not None:
             _check(isinstance(self.seed, int) and 0 <= self.seed < 2**63,
                    f"seed must be an integer in [0, 2^63), got {self.seed!r}")
-        _check(all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids),
-               f"stop_token_ids must be non-negative integers, got {self.stop_token_ids!r}")
+        _check(all(isinstance(t, int) and 0 <= t < 2**32 for t in self.stop_token_ids),
+               f"stop_token_ids must be integers in [0, 2^32), got {self.stop_token_ids!r}")
         if self.logprobs is not None:
             _check(
                 isinstance(self.logprobs, int) and 0 <= self.logprobs <= self.MAX_LOGPROBS,
@@ -126,7 +127,8 @@ class SamplingParams:
 
 
 def _is_number(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+    """A real, finite number (NaN and infinities are refused everywhere)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _check(ok: bool, message: str) -> None:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import logging
-import secrets
 import time
 from collections.abc import Callable
 from typing import Any
@@ -18,8 +17,10 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ValidationError
 
-from splitserve.router.errors import OpenAIError, bad_request, body_too_large, unauthorized
+from splitserve.router.auth import ApiKeyMiddleware
+from splitserve.router.errors import OpenAIError, bad_request, body_too_large
 from splitserve.router.metrics import CONTENT_TYPE
+from splitserve.router.openapi import describe_request_bodies
 from splitserve.router.protocol import ChatCompletionRequest, CompletionRequest
 from splitserve.router.request_queue import ClientGone, RequestQueue
 from splitserve.router.serving import OpenAIServing
@@ -35,8 +36,9 @@ def create_app(serving: OpenAIServing, settings: RouterSettings | None = None,
     """Build the OpenAI-compatible app on ``serving``.
 
     ``settings`` default to ``serving.settings``. ``/health`` and ``/metrics``
-    are open; every ``/v1`` route requires ``Authorization: Bearer <key>``
-    when ``settings.api_key`` is set. ``/health`` answers 503 while
+    are open; every other path (``/v1``, ``/openapi.json``, unknown ones)
+    requires ``Authorization: Bearer <key>`` when ``settings.api_key`` is set
+    (``ApiKeyMiddleware``). ``/health`` answers 503 while
     ``ready()`` is false (e.g. no pod of a needed role answers yet).
     ``admission`` (optional) holds a validated request until a pod can take
     it, before any response starts; its refusals are 503s with
@@ -47,6 +49,8 @@ def create_app(serving: OpenAIServing, settings: RouterSettings | None = None,
     app.state.serving = serving
     if settings.api_key is None:
         logger.warning("router API is open: no API key configured")
+    else:
+        app.add_middleware(ApiKeyMiddleware, api_key=settings.api_key)
 
     @app.exception_handler(OpenAIError)
     async def _openai_error(_: Request, exc: OpenAIError) -> JSONResponse:
@@ -57,16 +61,6 @@ def create_app(serving: OpenAIServing, settings: RouterSettings | None = None,
         err = _validation_to_openai(exc.errors())
         return JSONResponse(err.body(), status_code=err.status_code)
 
-    def authorize(request: Request) -> None:
-        if settings.api_key is None:
-            return
-        header = request.headers.get("authorization", "")
-        scheme, _, token = header.partition(" ")
-        if scheme.lower() != "bearer" or not token:
-            raise unauthorized("missing API key: send 'Authorization: Bearer <key>'")
-        if not secrets.compare_digest(token.strip().encode(), settings.api_key.encode()):
-            raise unauthorized("incorrect API key provided")
-
     @app.get("/health")
     async def health() -> Response:
         return Response(status_code=200 if ready is None or ready() else 503)
@@ -76,14 +70,12 @@ def create_app(serving: OpenAIServing, settings: RouterSettings | None = None,
         return Response(serving.metrics.render(), media_type=CONTENT_TYPE)
 
     @app.get("/v1/models")
-    async def models(request: Request) -> JSONResponse:
-        authorize(request)
+    async def models() -> JSONResponse:
         return JSONResponse(serving.list_models())
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
         arrival = time.monotonic()
-        authorize(request)
         body = await _parse(request, ChatCompletionRequest, settings.max_request_body_bytes)
         inp = serving.chat_input(body, arrival)
         return await _admit_and_respond(serving, admission, inp, request)
@@ -91,11 +83,12 @@ def create_app(serving: OpenAIServing, settings: RouterSettings | None = None,
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
         arrival = time.monotonic()
-        authorize(request)
         body = await _parse(request, CompletionRequest, settings.max_request_body_bytes)
         inp = serving.completion_input(body, arrival)
         return await _admit_and_respond(serving, admission, inp, request)
 
+    describe_request_bodies(app, {"/v1/chat/completions": ChatCompletionRequest,
+                                  "/v1/completions": CompletionRequest})
     return app
 
 
@@ -139,15 +132,22 @@ async def _parse(request: Request, model: type[BaseModel], limit: int) -> Any:
         chunks.append(chunk)
     raw = b"".join(chunks)
     try:
-        data = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        data = json.loads(raw, parse_constant=_refuse_constant)
+        json.dumps(data, ensure_ascii=False).encode()  # lone surrogates ("\\ud800") cannot be UTF-8
+    except (UnicodeError, json.JSONDecodeError, ValueError) as exc:
         raise bad_request(f"the request body is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise bad_request("the request body is nested too deeply") from None
     if not isinstance(data, dict):
         raise bad_request("the request body must be a JSON object")
     try:
         return model.model_validate(data)
     except ValidationError as exc:
         raise _validation_to_openai(exc.errors()) from None
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON value")
 
 
 def _validation_to_openai(errors: Any) -> OpenAIError:

@@ -71,10 +71,24 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="longest prompt accepted (default: the model's max_position_embeddings)")
     parser.add_argument("--max-tokens-limit", type=int, default=None,
                         help="largest max_tokens accepted (default 4096)")
+    api = parser.add_argument_group("OpenAI surface (vLLM's flags)")
+    api.add_argument("--enable-auto-tool-choice", action="store_true",
+                     help='serve tool_choice "auto" (needs --tool-call-parser)')
+    api.add_argument("--tool-call-parser", choices=["hermes"], default=None,
+                     help="how tool calls are read from free text under tool_choice auto (Qwen2.5: hermes)")
+    api.add_argument("--enable-prompt-tokens-details", action="store_true",
+                     help="report usage.prompt_tokens_details.cached_tokens")
     parser.add_argument("--poll-interval", type=float, default=0.2,
                         help="seconds between load polls of each pod (default 0.2)")
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     parser.set_defaults(handler=run)
+
+
+def _surface_settings(args: argparse.Namespace) -> dict[str, object]:
+    if args.enable_auto_tool_choice and args.tool_call_parser is None:
+        raise ValueError("--enable-auto-tool-choice needs --tool-call-parser")
+    return {"tool_call_parser": args.tool_call_parser if args.enable_auto_tool_choice else None,
+            "enable_prompt_tokens_details": args.enable_prompt_tokens_details}
 
 
 def run(args: argparse.Namespace) -> int:
@@ -98,7 +112,8 @@ def run(args: argparse.Namespace) -> int:
             max_prompt_tokens=args.max_prompt_tokens, max_tokens_limit=args.max_tokens_limit,
             poll_interval_s=args.poll_interval, scaler_port=args.scaler_port,
             max_queued_requests=args.max_queued_requests, queue_timeout_s=args.queue_timeout_seconds,
-            shutdown_grace_s=args.shutdown_grace_seconds)
+            shutdown_grace_s=args.shutdown_grace_seconds,
+            settings_overrides=_surface_settings(args))
     except ValueError as exc:
         raise SystemExit(f"splitserve router: {exc}") from None
     try:

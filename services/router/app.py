@@ -21,7 +21,7 @@ from splitserve.router.auth import ApiKeyMiddleware
 from splitserve.router.errors import OpenAIError, bad_request, body_too_large
 from splitserve.router.metrics import CONTENT_TYPE
 from splitserve.router.openapi import describe_request_bodies
-from splitserve.router.protocol import ChatCompletionRequest, CompletionRequest
+from splitserve.router.protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
 from splitserve.router.request_queue import ClientGone, RequestQueue
 from splitserve.router.serving import OpenAIServing
 from splitserve.router.settings import RouterSettings
@@ -87,8 +87,19 @@ def create_app(serving: OpenAIServing, settings: RouterSettings | None = None,
         inp = serving.completion_input(body, arrival)
         return await _admit_and_respond(serving, admission, inp, request)
 
+    @app.post("/tokenize")
+    async def tokenize(request: Request) -> JSONResponse:
+        body = await _parse(request, TokenizeRequest, settings.max_request_body_bytes)
+        return JSONResponse(serving.tokenize(body))
+
+    @app.post("/detokenize")
+    async def detokenize(request: Request) -> JSONResponse:
+        body = await _parse(request, DetokenizeRequest, settings.max_request_body_bytes)
+        return JSONResponse(serving.detokenize(body))
+
     describe_request_bodies(app, {"/v1/chat/completions": ChatCompletionRequest,
-                                  "/v1/completions": CompletionRequest})
+                                  "/v1/completions": CompletionRequest,
+                                  "/tokenize": TokenizeRequest, "/detokenize": DetokenizeRequest})
     return app
 
 

@@ -5,33 +5,52 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
+from dataclasses import replace
 from typing import Any
 
 from splitserve.engine.errors import InvalidRequestError
 from splitserve.engine.structured import Constraint, compile_check
 from splitserve.router.errors import bad_request
 
+# structured_outputs fields that qualify a constraint rather than being one.
+_OPTIONS = ("disable_any_whitespace", "disable_additional_properties", "whitespace_pattern", "disable_fallback")
+
 
 def request_constraint(response_format: dict[str, Any] | None, structured_outputs: dict[str, Any] | None,
                        tool_schema: dict[str, Any] | None = None) -> tuple[Constraint | None, str | None]:
-    """The constraint of a request and the field it came from (for 400s):
-    at most one of ``response_format`` (other than ``text``),
-    ``structured_outputs`` and a tool-call schema may constrain the output.
-    Raises a 400 naming the field whose shape is wrong."""
+    """The constraint of a request and the field it came from (for 400s).
+
+    As vLLM: ``response_format`` (other than ``text``) gives the kind and
+    ``structured_outputs`` may add only options to it
+    (``disable_any_whitespace``, ``whitespace_pattern``, ...); at most one of
+    ``response_format``, a kind in ``structured_outputs`` and a tool-call
+    schema may constrain the output. Raises a 400 naming the field whose
+    shape is wrong."""
+    options = {k: v for k, v in (structured_outputs or {}).items() if k in _OPTIONS and v is not None}
+    own_kind = bool(structured_outputs) and any(k not in _OPTIONS for k in structured_outputs or {})
     found: list[tuple[Constraint, str]] = []
-    for param, build, value in (("response_format", Constraint.from_response_format, response_format),
-                                ("structured_outputs", Constraint.from_structured_outputs, structured_outputs)):
+    try:
+        from_format = Constraint.from_response_format(response_format)
+    except InvalidRequestError as exc:
+        raise bad_request(str(exc), "response_format") from None
+    if from_format is not None:
         try:
-            constraint = build(value)
+            found.append((replace(from_format, **{k: v for k, v in options.items() if k != "disable_fallback"}),
+                          "response_format"))
         except InvalidRequestError as exc:
-            raise bad_request(str(exc), param) from None
+            raise bad_request(str(exc), "structured_outputs") from None
+    if own_kind or (structured_outputs and from_format is None):
+        try:
+            constraint = Constraint.from_structured_outputs(structured_outputs)
+        except InvalidRequestError as exc:
+            raise bad_request(str(exc), "structured_outputs") from None
         if constraint is not None:
-            found.append((constraint, param))
+            found.append((constraint, "structured_outputs"))
     if tool_schema is not None:
         found.append((Constraint.json_schema(tool_schema), "tool_choice"))
     if len(found) > 1:
         names = " and ".join(param for _, param in found)
-        raise bad_request(f"only one structured-output constraint per request: got {names}", found[1][1])
+        raise bad_request(f"only one kind of structured-output constraint per request: got {names}", found[1][1])
     return found[0] if found else (None, None)
 
 

@@ -112,6 +112,7 @@ def build_router(config: RouterConfig, tokenizer: Any = None) -> RouterParts:
     overrides: dict[str, Any] = {
         "served_model_names": config.served_model_names or (config.model,),
         "block_size": config.block_size,
+        "model_root": config.model,
         "max_prompt_tokens": config.max_prompt_tokens or _max_positions(config.model) or 32768,
     }
     if config.max_tokens_limit is not None:

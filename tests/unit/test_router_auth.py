@@ -19,7 +19,8 @@ from splitserve.router.auth import OPEN_PATHS, bearer_problem
 KEY = "sk-right-key"
 BODIES = {"/v1/chat/completions": {"model": MODEL, "messages": [{"role": "user", "content": "hi"}],
                                    "max_tokens": 2},
-          "/v1/completions": {"model": MODEL, "prompt": "hi", "max_tokens": 2}}
+          "/v1/completions": {"model": MODEL, "prompt": "hi", "max_tokens": 2},
+          "/tokenize": {"model": MODEL, "prompt": "hi"}, "/detokenize": {"model": MODEL, "tokens": [104]}}
 WRONG = [None, "Bearer sk-wrong-key", "Bearer " + KEY[:-1], "Bearer " + KEY + "x", "Basic " + KEY,
          "bearer", "Bearer ", KEY]
 

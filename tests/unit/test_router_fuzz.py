@@ -67,6 +67,6 @@ def test_no_fuzzed_request_gets_a_5xx(router_schema: schemathesis.BaseSchema, mo
     print(f"{mode.value}: status counts {dict(sorted(seen.items()))}, generated {generated}")
     assert sum(seen.values()) >= MAX_EXAMPLES // 2
     if mode is GenerationMode.POSITIVE:  # the fuzz reached generation, not only the validators
-        assert set(generated) == {"/v1/chat/completions", "/v1/completions"}
+        assert {"/v1/chat/completions", "/v1/completions"} <= set(generated)
     else:
         assert seen.get(400, 0) > 0

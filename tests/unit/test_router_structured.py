@@ -48,6 +48,13 @@ async def post(be: FakeBackend, path: str, body: dict[str, Any]) -> httpx.Respon
      Constraint.json_object(whitespace_pattern=" ?")),
     ("/v1/chat/completions", {"structured_outputs": {"json": SCHEMA, "disable_additional_properties": True}},
      Constraint.json_schema(SCHEMA, disable_additional_properties=True)),
+    # As vLLM: response_format gives the kind, structured_outputs may qualify it.
+    ("/v1/chat/completions", {"response_format": GUIDE_FORMAT,
+                              "structured_outputs": {"whitespace_pattern": "[ ]?", "disable_fallback": True}},
+     Constraint.json_schema(SCHEMA, whitespace_pattern="[ ]?")),
+    ("/v1/completions", {"response_format": {"type": "json_object"},
+                         "structured_outputs": {"disable_any_whitespace": True}},
+     Constraint.json_object(disable_any_whitespace=True)),
 ])
 @pytest.mark.asyncio
 async def test_request_fields_become_one_constraint_on_every_choice(path: str, extra: dict[str, Any],
@@ -89,6 +96,10 @@ BAD = [
     ({"response_format": {"type": "json_object"}, "structured_outputs": {"regex": "a"}}, "structured_outputs",
      "only one"),
     ({"response_format": "json"}, "response_format", None),
+    ({"structured_outputs": {"disable_any_whitespace": True}}, "structured_outputs", "exactly one"),
+    ({"response_format": GUIDE_FORMAT, "structured_outputs": {"disable_any_whitespace": True,
+                                                             "whitespace_pattern": " "}},
+     "structured_outputs", "whitespace_pattern"),
     ({"logit_bias": {"5": 1.0}}, "logit_bias", "logit_bias"),
     ({"prompt_logprobs": 1}, "prompt_logprobs", "prompt_logprobs"),
     ({"use_beam_search": True}, "use_beam_search", "beam"),

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import jsonschema
 import pytest
+from structured_examples import BOUNDED_MAX_BYTES
 from structured_fixtures import BOUNDED_GUIDE_SCHEMA, GUIDE_SCHEMA, is_valid_prefix, manager_for, text_prompts
 from test_scheduler_fakes import make_core
 
@@ -20,11 +21,6 @@ from splitserve.engine.structured import Constraint
 from splitserve.engine.tiny_model import write_tiny_model
 
 ARGS = dict(device="cpu", block_size=8, max_model_len=512, num_gpu_blocks_override=2048)
-# Upper bound of an instance of BOUNDED_GUIDE_SCHEMA in bytes (so in tokens:
-# the tokenizer is byte-level): 2 items of two 6-character strings (<= 6
-# bytes a character as \uXXXX escapes), keys and punctuation, plus one
-# optional space at each of the <= 30 places whitespace may go.
-BOUNDED_MAX_BYTES = 13 + 2 * (8 + 38 + 8 + 38 + 1) + 1 + 2 + 30
 
 
 @pytest.fixture(scope="module")

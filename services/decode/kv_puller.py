@@ -90,7 +90,7 @@ class KVPuller:
             return self._recompute(load.request_id, handle,
                                    "the KV handle lists fewer blocks than its num_tokens needs")
         try:
-            await self.client.claim_kv(handle.peer_address, handle.request_id, handle.incarnation_id)
+            leased = await self.client.claim_kv(handle.peer_address, handle.request_id, handle.incarnation_id)
         except LeaseNotFoundError as exc:
             self.counters.leases_missing += 1
             self.engine.finish_remote_kv(load.request_id, ok=False)
@@ -98,6 +98,11 @@ class KVPuller:
             return PullOutcome(KVSource.RECOMPUTED)
         except PeerUnreachableError as exc:
             return self._recompute(load.request_id, handle, str(exc))
+        if tuple(leased) != tuple(handle.block_ids):
+            # READ only what the peer leased to this request: a handle naming other
+            # blocks (another request's, another tenant's, past the pool) is refused.
+            return self._recompute(load.request_id, handle,
+                                   f"the KV handle names blocks its lease on {handle.peer_address} does not hold")
         started = time.monotonic()
         try:
             read = self.transport.start_read(peer, remote, load.block_ids,

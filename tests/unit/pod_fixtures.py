@@ -3,9 +3,13 @@ one FakeFabric, decode pods reaching prefill pods through a LocalPeerClient."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import grpc
 
 from splitserve.decode.peer_client import LocalPeerClient
 from splitserve.engine.async_engine import AsyncEngine
@@ -16,6 +20,8 @@ from splitserve.pod.config import PodConfig
 from splitserve.pod.core import PodCore
 from splitserve.pod.kv_event_hub import KVEventHub
 from splitserve.pod.messages import DecodeChunk, DecodeFinished, Role
+from splitserve.pod.servicer import PodServicer
+from splitserve.proto import splitserve_v1_pb2_grpc as pb_grpc
 
 ENGINE = dict(device="cpu", block_size=8, max_model_len=128, attention_backend="torch", num_gpu_blocks_override=48)
 GREEDY = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
@@ -46,6 +52,30 @@ class Cluster:
     async def close(self) -> None:
         for core in self.pods.values():
             await core.close()
+
+
+@contextlib.asynccontextmanager
+async def grpc_pods(cluster: Cluster, roles: tuple[Role, ...] = (Role.PREFILL, Role.DECODE),
+                    credentials: grpc.ServerCredentials | None = None,
+                    **config: object) -> AsyncIterator[dict[Role, tuple[int, PodCore]]]:
+    """One pod core per role behind a real grpc.aio server on 127.0.0.1
+    (TLS when ``credentials``); yields role -> (port, core); stops them after."""
+    servers, out = [], {}
+    try:
+        for role in roles:
+            server = grpc.aio.server()
+            address = "127.0.0.1:0"
+            port = (server.add_secure_port(address, credentials) if credentials is not None
+                    else server.add_insecure_port(address))
+            core = await cluster.pod(role, f"127.0.0.1:{port}", **config)
+            pb_grpc.add_EngineServicer_to_server(PodServicer(core), server)
+            await server.start()
+            servers.append(server)
+            out[role] = (port, core)
+        yield out
+    finally:
+        for server in servers:
+            await server.stop(0)
 
 
 async def collect(core: PodCore, request_id: str, tokens: list[int], params: SamplingParams = GREEDY,

@@ -7,11 +7,10 @@ import pytest
 import pytest_asyncio
 from prometheus_client import generate_latest
 
-from pod_fixtures import Cluster, wait_clean
+from pod_fixtures import Cluster, grpc_pods, wait_clean
 from splitserve.engine.sampling_params import SamplingParams
 from splitserve.kvtransfer import TransferMetadata
 from splitserve.pod.messages import Role
-from splitserve.pod.servicer import PodServicer
 from splitserve.proto import splitserve_v1_pb2 as pb
 from splitserve.proto import splitserve_v1_pb2_grpc as pb_grpc
 from splitserve.pod.proto_convert import sampling_to_proto
@@ -23,18 +22,9 @@ GREEDY = sampling_to_proto(SamplingParams(temperature=0.0, max_tokens=4, ignore_
 @pytest_asyncio.fixture
 async def stubs(tiny_checkpoints: dict):
     cluster = Cluster(tiny_checkpoints["llama"])
-    servers, out = [], {}
-    for role in (Role.PREFILL, Role.DECODE):
-        server = grpc.aio.server()
-        port = server.add_insecure_port("127.0.0.1:0")
-        core = await cluster.pod(role, f"127.0.0.1:{port}")
-        pb_grpc.add_EngineServicer_to_server(PodServicer(core), server)
-        await server.start()
-        servers.append(server)
-        out[role] = (pb_grpc.EngineStub(grpc.aio.insecure_channel(f"127.0.0.1:{port}")), core)
-    yield out
-    for server in servers:
-        await server.stop(0)
+    async with grpc_pods(cluster) as pods:
+        yield {role: (pb_grpc.EngineStub(grpc.aio.insecure_channel(f"127.0.0.1:{port}")), core)
+               for role, (port, core) in pods.items()}
     await cluster.close()
 
 

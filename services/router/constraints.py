@@ -20,8 +20,8 @@ def request_constraint(response_format: dict[str, Any] | None, structured_output
                        tool_schema: dict[str, Any] | None = None) -> tuple[Constraint | None, str | None]:
     """The constraint of a request and the field it came from (for 400s).
 
-    As vLLM: ``response_format`` (other than ``text``) gives the kind and
-    ``structured_outputs`` may add only options to it
+    As vLLM: ``response_format`` (other than ``text``) or the tool-call
+    schema gives the kind and ``structured_outputs`` may add only options to it
     (``disable_any_whitespace``, ``whitespace_pattern``, ...); at most one of
     ``response_format``, a kind in ``structured_outputs`` and a tool-call
     schema may constrain the output. Raises a 400 naming the field whose
@@ -34,24 +34,28 @@ def request_constraint(response_format: dict[str, Any] | None, structured_output
     except InvalidRequestError as exc:
         raise bad_request(str(exc), "response_format") from None
     if from_format is not None:
-        try:
-            found.append((replace(from_format, **{k: v for k, v in options.items() if k != "disable_fallback"}),
-                          "response_format"))
-        except InvalidRequestError as exc:
-            raise bad_request(str(exc), "structured_outputs") from None
-    if own_kind or (structured_outputs and from_format is None):
+        found.append((from_format, "response_format"))
+    if tool_schema is not None:
+        found.append((Constraint.json_schema(tool_schema), "tool_choice"))
+    if own_kind or (structured_outputs and not found):
         try:
             constraint = Constraint.from_structured_outputs(structured_outputs)
         except InvalidRequestError as exc:
             raise bad_request(str(exc), "structured_outputs") from None
         if constraint is not None:
             found.append((constraint, "structured_outputs"))
-    if tool_schema is not None:
-        found.append((Constraint.json_schema(tool_schema), "tool_choice"))
     if len(found) > 1:
         names = " and ".join(param for _, param in found)
         raise bad_request(f"only one kind of structured-output constraint per request: got {names}", found[1][1])
-    return found[0] if found else (None, None)
+    if not found:
+        return None, None
+    constraint, param = found[0]
+    if param != "structured_outputs" and options:
+        try:
+            constraint = replace(constraint, **{k: v for k, v in options.items() if k != "disable_fallback"})
+        except InvalidRequestError as exc:
+            raise bad_request(str(exc), "structured_outputs") from None
+    return constraint, param
 
 
 class ConstraintChecker:

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ssl
 from collections.abc import Generator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import uvicorn
@@ -21,21 +23,51 @@ class _QuietSignalServer(uvicorn.Server):
         yield
 
 
+@dataclass(frozen=True)
+class HTTPTLS:
+    """HTTPS for an embedded server, as vLLM's ``--ssl-keyfile``,
+    ``--ssl-certfile``, ``--ssl-ca-certs`` and ``--ssl-cert-reqs`` (an
+    ``ssl.VerifyMode`` number: 0 none, 1 optional, 2 required client
+    certificates, checked against ``ca_certs``)."""
+
+    keyfile: str
+    certfile: str
+    ca_certs: str | None = None
+    cert_reqs: int = int(ssl.CERT_NONE)
+
+    def __post_init__(self) -> None:
+        for flag, path in (("--ssl-keyfile", self.keyfile), ("--ssl-certfile", self.certfile),
+                           ("--ssl-ca-certs", self.ca_certs)):
+            if path is not None and not Path(path).is_file():
+                raise ValueError(f"{flag} {path}: no such file")
+        if self.cert_reqs not in (0, 1, 2):
+            raise ValueError(f"--ssl-cert-reqs must be 0, 1 or 2 (ssl.CERT_*), got {self.cert_reqs}")
+        if self.cert_reqs and not self.ca_certs:
+            raise ValueError("--ssl-cert-reqs 1 or 2 verifies client certificates: give --ssl-ca-certs")
+
+    def uvicorn_kwargs(self) -> dict[str, Any]:
+        return {"ssl_keyfile": self.keyfile, "ssl_certfile": self.certfile, "ssl_ca_certs": self.ca_certs,
+                "ssl_cert_reqs": self.cert_reqs}
+
+
 @dataclass
 class EmbeddedHTTPServer:
-    """Serve an ASGI app on host:port as a task of the running loop."""
+    """Serve an ASGI app on host:port as a task of the running loop (HTTPS
+    when ``tls``)."""
 
     app: Any
     host: str
     port: int
     log_level: str = "warning"
+    tls: HTTPTLS | None = None
     _server: _QuietSignalServer | None = field(default=None, init=False)
     _task: asyncio.Task[None] | None = field(default=None, init=False)
 
     async def start(self) -> None:
         """Return once the socket is bound; raise ``OSError`` if it cannot be."""
         config = uvicorn.Config(self.app, host=self.host, port=self.port, log_level=self.log_level,
-                                access_log=False, lifespan="off")
+                                access_log=False, lifespan="off",
+                                **(self.tls.uvicorn_kwargs() if self.tls is not None else {}))
         self._server = _QuietSignalServer(config)
         self._task = asyncio.create_task(self._server.serve())
         while not self._server.started:

@@ -4,9 +4,15 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import ssl
+from typing import TYPE_CHECKING
 
+from splitserve.grpc_tls import add_grpc_tls_args, grpc_tls_from_args
 from splitserve.router.discovery import DISCOVERY_KINDS
 from splitserve.router.policies import PREFILL_POLICIES
+
+if TYPE_CHECKING:
+    from splitserve.http_server import HTTPTLS
 
 
 def _addresses(value: str) -> tuple[str, ...]:
@@ -55,7 +61,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                        help="longest a request waits in that queue before a 503 (default 60)")
     scale.add_argument("--shutdown-grace-seconds", type=float, default=30.0,
                        help="on SIGTERM, how long open streams may run before they are cut (default 30)")
-    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--host", default="127.0.0.1",
+                        help="bind address of the API (and the KEDA scaler); default 127.0.0.1; on Kubernetes "
+                             "the pod IP; 0.0.0.0 only when every interface should answer")
+    tls = parser.add_argument_group("TLS on the OpenAI API (vLLM's flags)")
+    tls.add_argument("--ssl-keyfile", default=None, metavar="PEM", help="the server's private key (HTTPS)")
+    tls.add_argument("--ssl-certfile", default=None, metavar="PEM", help="the server's certificate chain")
+    tls.add_argument("--ssl-ca-certs", default=None, metavar="PEM", help="CA bundle of client certificates")
+    tls.add_argument("--ssl-cert-reqs", type=int, default=int(ssl.CERT_NONE),
+                     help="client certificates: 0 not asked (default), 1 optional, 2 required (ssl.CERT_*)")
+    add_grpc_tls_args(parser, "the router's channels to the pods")
+    parser.add_argument("--enable-log-requests", action="store_true",
+                        help="log each request's prompt, parameters and output text (off: logs never "
+                             "carry prompt or output text)")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--policy", default="kv_affinity", choices=PREFILL_POLICIES,
                         help="prefill (or unified) pod choice (default kv_affinity)")
@@ -91,6 +109,18 @@ def _surface_settings(args: argparse.Namespace) -> dict[str, object]:
             "enable_prompt_tokens_details": args.enable_prompt_tokens_details}
 
 
+def _http_tls(args: argparse.Namespace) -> HTTPTLS | None:
+    from splitserve.http_server import HTTPTLS
+
+    if args.ssl_keyfile is None and args.ssl_certfile is None:
+        if args.ssl_ca_certs or args.ssl_cert_reqs:
+            raise ValueError("--ssl-ca-certs/--ssl-cert-reqs need --ssl-keyfile and --ssl-certfile")
+        return None
+    if args.ssl_keyfile is None or args.ssl_certfile is None:
+        raise ValueError("give both --ssl-keyfile and --ssl-certfile")
+    return HTTPTLS(args.ssl_keyfile, args.ssl_certfile, args.ssl_ca_certs, args.ssl_cert_reqs)
+
+
 def run(args: argparse.Namespace) -> int:
     from splitserve.router.discovery import DiscoveryConfig
     from splitserve.router.server import RouterConfig, serve
@@ -112,8 +142,9 @@ def run(args: argparse.Namespace) -> int:
             max_prompt_tokens=args.max_prompt_tokens, max_tokens_limit=args.max_tokens_limit,
             poll_interval_s=args.poll_interval, scaler_port=args.scaler_port,
             max_queued_requests=args.max_queued_requests, queue_timeout_s=args.queue_timeout_seconds,
-            shutdown_grace_s=args.shutdown_grace_seconds,
-            settings_overrides=_surface_settings(args))
+            shutdown_grace_s=args.shutdown_grace_seconds, http_tls=_http_tls(args),
+            grpc_tls=grpc_tls_from_args(args),
+            settings_overrides={**_surface_settings(args), "enable_log_requests": args.enable_log_requests})
     except ValueError as exc:
         raise SystemExit(f"splitserve router: {exc}") from None
     try:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 
 from splitserve.engine.engine_args import EngineArgs
+from splitserve.grpc_tls import add_grpc_tls_args, grpc_tls_from_args
 from splitserve.pod.config import PodConfig
 from splitserve.pod.messages import Role
 from splitserve.sim.cli_args import add_sim_args, run_sim
@@ -14,7 +15,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("serve", help="run one engine pod (prefill, decode or unified)",
                               description="Serve the splitserve.v1.Engine gRPC API plus /health and /metrics.")
     p.add_argument("role", choices=[r.value for r in Role] + ["sim"])
-    p.add_argument("--host", default=d.host, help="bind address of gRPC and HTTP")
+    p.add_argument("--host", default=d.host,
+                   help="bind address of gRPC and HTTP (default 127.0.0.1; on Kubernetes the pod IP; "
+                        "0.0.0.0 only when every interface should answer)")
     p.add_argument("--port", type=int, default=d.port, help="gRPC port")
     p.add_argument("--http-port", type=int, default=d.http_port, help="HTTP port (/health, /metrics)")
     p.add_argument("--advertise-address", default=None,
@@ -31,6 +34,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="run NIXL's UCX progress thread (busy: one core per pod; helps KV over TCP)")
     p.add_argument("--shutdown-grace-seconds", type=float, default=d.shutdown_grace_seconds,
                    help="on SIGTERM, let running requests finish this long before aborting them")
+    add_grpc_tls_args(p, "this pod's server, and a decode pod's calls to prefill pods")
     EngineArgs.add_cli_args(p)
     add_sim_args(p)
     p.set_defaults(handler=_run)
@@ -48,7 +52,7 @@ def _run(args: argparse.Namespace) -> int:
             kv_lease_seconds=args.kv_lease_seconds, kv_claim_timeout_s=args.kv_claim_timeout,
             kv_transfer_timeout_s=args.kv_transfer_timeout, ucx_tls=args.ucx_tls,
             nixl_progress_thread=args.nixl_progress_thread,
-            shutdown_grace_seconds=args.shutdown_grace_seconds)
+            shutdown_grace_seconds=args.shutdown_grace_seconds, grpc_tls=grpc_tls_from_args(args))
         engine_args = EngineArgs.from_cli_args(args)
     except ValueError as exc:
         raise SystemExit(f"splitserve serve: {exc}") from None

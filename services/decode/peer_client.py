@@ -9,6 +9,7 @@ from typing import Protocol
 
 import grpc
 
+from splitserve.grpc_tls import GrpcTLS, aio_channel
 from splitserve.kvtransfer import InvalidMetadataError, LeaseNotFoundError, TransferMetadata
 from splitserve.pod.messages import PodError
 
@@ -38,19 +39,20 @@ class PeerClient(Protocol):
 class GrpcPeerClient:
     """One cached grpc.aio channel per prefill address."""
 
-    def __init__(self, timeout_s: float = 10.0) -> None:
+    def __init__(self, timeout_s: float = 10.0, tls: GrpcTLS | None = None) -> None:
         from splitserve.proto import splitserve_v1_pb2 as pb
         from splitserve.proto import splitserve_v1_pb2_grpc as pb_grpc
 
         self._pb = pb
         self._pb_grpc = pb_grpc
         self._timeout_s = timeout_s
+        self._tls = tls
         self._channels: dict[str, grpc.aio.Channel] = {}
 
     def _stub(self, address: str) -> object:
         channel = self._channels.get(address)
         if channel is None:
-            channel = grpc.aio.insecure_channel(address)
+            channel = aio_channel(address, self._tls)
             self._channels[address] = channel
         return self._pb_grpc.EngineStub(channel)
 

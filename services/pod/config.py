@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from splitserve.grpc_tls import GrpcTLS
 from splitserve.pod.messages import Role
 
 
@@ -12,7 +13,8 @@ class PodConfig:
     ReleaseKV, handshake); default ``host:port``. ``kv_transfer_timeout_s``
     (a decoder's READ timeout) must stay below ``kv_claim_timeout_s`` (how
     long a prefill pod keeps a claimed lease), so an expired claimed lease is
-    never still being read."""
+    never still being read. ``grpc_tls``: TLS (mutual with a CA) on this
+    pod's gRPC server and on its calls to prefill pods; None: plaintext."""
 
     role: Role
     host: str = "127.0.0.1"
@@ -26,6 +28,7 @@ class PodConfig:
     ucx_tls: str | None = None
     nixl_progress_thread: bool = False
     shutdown_grace_seconds: float = 30.0
+    grpc_tls: GrpcTLS | None = None
 
     def __post_init__(self) -> None:
         if self.kv_lease_seconds <= 0:

@@ -11,6 +11,7 @@ import grpc
 
 from splitserve.engine.async_engine import AsyncEngine
 from splitserve.engine.engine_args import EngineArgs
+from splitserve.grpc_tls import add_port
 from splitserve.http_server import EmbeddedHTTPServer
 from splitserve.pod.model_fingerprint import model_fingerprint
 from splitserve.pod.config import PodConfig
@@ -53,7 +54,7 @@ class PodServer:
         await core.start()
         server = grpc.aio.server()
         pb_grpc.add_EngineServicer_to_server(PodServicer(core), server)
-        bound = server.add_insecure_port(f"{self.config.host}:{self.config.port}")
+        bound = add_port(server, f"{self.config.host}:{self.config.port}", self.config.grpc_tls)
         if bound == 0:
             raise OSError(f"cannot bind gRPC on {self.config.host}:{self.config.port}")
         await server.start()
@@ -61,8 +62,9 @@ class PodServer:
                                   self.config.host, self.config.http_port)
         await http.start()
         stats = core.engine.stats()
-        logger.info("%s pod serving gRPC %s:%d, HTTP %d; %d KV blocks of %d tokens; incarnation %s",
-                    self.config.role.value, self.config.host, self.config.port, self.config.http_port,
+        logger.info("%s pod serving gRPC%s %s:%d, HTTP %d; %d KV blocks of %d tokens; incarnation %s",
+                    self.config.role.value, _tls_note(self.config), self.config.host, self.config.port,
+                    self.config.http_port,
                     stats.scheduler.num_total_blocks, stats.block_size, core.incarnation_id)
         self.status = "ok"
         await self._stop.wait()
@@ -93,8 +95,15 @@ class PodServer:
         if self.config.role is Role.DECODE:
             from splitserve.decode.peer_client import GrpcPeerClient
 
-            client = GrpcPeerClient()
+            client = GrpcPeerClient(tls=self.config.grpc_tls)
         return PodCore(self.config, engine, transport, client, kv_events)
+
+
+def _tls_note(config: PodConfig) -> str:
+    tls = config.grpc_tls
+    if tls is None:
+        return ""
+    return " (mutual TLS)" if tls.ca_certs else " (TLS)"
 
 
 def serve(config: PodConfig, engine_args: EngineArgs) -> int:

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import grpc
 
 from splitserve.engine.block_hash import BlockHash
+from splitserve.grpc_tls import GrpcTLS, aio_channel
 from splitserve.engine.request import TokenLogprobs
 from splitserve.engine.sampling_params import SamplingParams
 from splitserve.proto import splitserve_v1_pb2 as pb
@@ -115,9 +116,9 @@ class PodClient:
     awaiting task cancels the RPC (the pod sees the cancellation).
     """
 
-    def __init__(self, address: str, channel: grpc.aio.Channel | None = None) -> None:
+    def __init__(self, address: str, channel: grpc.aio.Channel | None = None, tls: GrpcTLS | None = None) -> None:
         self.address = address
-        self._channel = channel or grpc.aio.insecure_channel(address, options=_CHANNEL_OPTIONS)
+        self._channel = channel or aio_channel(address, tls, _CHANNEL_OPTIONS)
         self._stub = pb_grpc.EngineStub(self._channel)
 
     async def close(self) -> None:

@@ -4,6 +4,7 @@ scaler and the OpenAI app, served by an embedded uvicorn until asked to stop."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import signal
@@ -13,7 +14,8 @@ from typing import Any
 
 from fastapi import FastAPI
 
-from splitserve.http_server import EmbeddedHTTPServer
+from splitserve.grpc_tls import GrpcTLS
+from splitserve.http_server import HTTPTLS, EmbeddedHTTPServer
 from splitserve.router.app import create_app
 from splitserve.router.discovery import DiscoveryConfig, DiscoveryFeed, DiscoverySource, make_source
 from splitserve.router.metrics import RouterMetrics
@@ -43,7 +45,9 @@ class RouterConfig:
     make a static one. ``served_model_names`` default to ``(model,)`` as in
     vLLM; ``max_prompt_tokens`` to the model's ``max_position_embeddings``.
     ``block_size`` must equal the pods'. ``scaler_port`` 0: no KEDA scaler.
-    ``shutdown_grace_s``: how long open streams may run after SIGTERM."""
+    ``shutdown_grace_s``: how long open streams may run after SIGTERM.
+    ``http_tls``: HTTPS on the OpenAI port; ``grpc_tls``: TLS (mutual with a
+    CA) on the channels to the pods."""
 
     model: str
     prefill: tuple[str, ...] = ()
@@ -64,6 +68,8 @@ class RouterConfig:
     max_queued_requests: int = 256
     queue_timeout_s: float = 60.0
     shutdown_grace_s: float = 30.0
+    http_tls: HTTPTLS | None = None
+    grpc_tls: GrpcTLS | None = None
     settings_overrides: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -122,7 +128,7 @@ def build_router(config: RouterConfig, tokenizer: Any = None) -> RouterParts:
     router = PodRouter(make_policy(config.policy, config.block_size, config.load_factor),
                        DecodePolicy(config.block_size, config.load_factor),
                        PodPool(), PodPool(), metrics, unified_pods=PodPool())
-    channels = PodChannels(PodClient)
+    channels = PodChannels(functools.partial(PodClient, tls=config.grpc_tls))
     rate = PrefillRate()
     orchestrator = Orchestrator(router, channels, OrchestratorConfig(
         block_size=config.block_size, pd_threshold_tokens=config.pd_threshold_tokens,
@@ -166,13 +172,14 @@ async def serve(config: RouterConfig, stop: asyncio.Event | None = None) -> None
         loop.add_signal_handler(sig, stop.set)
     discovery = asyncio.create_task(parts.source.run(parts.feed), name=f"discovery:{parts.source.name}")
     tracker = RequestTracker(parts.app)
-    http = EmbeddedHTTPServer(tracker, config.host, config.port)
+    http = EmbeddedHTTPServer(tracker, config.host, config.port, tls=config.http_tls)
     scaler = ScalerServer(parts.scaler, config.host, config.scaler_port) if config.scaler_port else None
     try:
         await http.start()
         if scaler is not None:
             await scaler.start()
-        logger.info("router on http://%s:%d/v1 (discovery %s, policy %s%s)", config.host, config.port,
+        logger.info("router on %s://%s:%d/v1 (discovery %s, policy %s%s)",
+                    "https" if config.http_tls else "http", config.host, config.port,
                     config.pods.kind, config.policy,
                     f", KEDA scaler on :{scaler.port}" if scaler is not None else "")
         stop_wait = asyncio.create_task(stop.wait())

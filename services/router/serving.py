@@ -3,6 +3,7 @@ SSE event strings out. FastAPI routes only convert and call this."""
 from __future__ import annotations
 
 import json
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -24,6 +25,8 @@ from splitserve.router.metrics import RouterMetrics
 from splitserve.router.protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
 from splitserve.router.settings import RouterSettings
 from splitserve.router.tool_calls import ToolCallStream, parse_output
+
+logger = logging.getLogger(__name__)
 
 _OBJECTS = {"chat": ("chatcmpl", "chat.completion"), "completion": ("cmpl", "text_completion")}
 
@@ -219,9 +222,17 @@ class OpenAIServing:
         metrics.request_queue_time.observe(time.monotonic() - inp.arrival_time)
         status = "cancelled"
         last_token_time: list[float | None] = [None] * inp.num_choices
+        texts: list[list[str]] | None = None
+        if self.settings.enable_log_requests:  # the only place prompt and output text reach a log
+            texts = [[] for _ in range(inp.num_choices)]
+            logger.info("request %s: prompt %r, prompt_token_ids %s, params %s", request_id,
+                        [self.tokenizer.decode(list(p)) for p in inp.prompts], [list(p) for p in inp.prompts],
+                        inp.sampling_params)
         try:
             async with aclosing(merge_choices(streams)) as merged:
                 async for delta in merged:
+                    if texts is not None:
+                        texts[delta.index].append(delta.text)
                     now = time.monotonic()
                     if delta.token_ids:
                         previous = last_token_time[delta.index]
@@ -239,6 +250,8 @@ class OpenAIServing:
             raise
         finally:
             metrics.requests.labels(inp.endpoint, status).inc()
+            if texts is not None:
+                logger.info("request %s %s: output %r", request_id, status, ["".join(t) for t in texts])
 
     def backend_requests(self, inp: GenerationInput, request_id: str) -> list[BackendRequest]:
         """Fan out prompts x n into per-choice requests (choice = prompt * n + i)."""

@@ -28,7 +28,9 @@ class RouterSettings:
     ``--enable-auto-tool-choice --tool-call-parser``); None refuses it.
     ``enable_prompt_tokens_details`` adds ``usage.prompt_tokens_details``
     (``cached_tokens``) as vLLM's flag of that name. ``model_root`` is the
-    model path ``/v1/models`` reports as ``root``.
+    model path ``/v1/models`` reports as ``root``. ``enable_log_requests``
+    (vLLM's flag) logs each request's prompt, parameters and output text;
+    off, no log line carries prompt or output text.
     """
 
     served_model_names: tuple[str, ...] = ("splitserve",)
@@ -43,6 +45,7 @@ class RouterSettings:
     tool_call_parser: str | None = None
     enable_prompt_tokens_details: bool = False
     model_root: str | None = None
+    enable_log_requests: bool = False
 
     def __post_init__(self) -> None:
         if not self.served_model_names or not all(self.served_model_names):

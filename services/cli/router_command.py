@@ -2,11 +2,11 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
 import ssl
 from typing import TYPE_CHECKING
 
+from splitserve import event_loop
 from splitserve.grpc_tls import add_grpc_tls_args, grpc_tls_from_args
 from splitserve.router.discovery import DISCOVERY_KINDS
 from splitserve.router.policies import PREFILL_POLICIES
@@ -62,8 +62,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     scale.add_argument("--shutdown-grace-seconds", type=float, default=30.0,
                        help="on SIGTERM, how long open streams may run before they are cut (default 30)")
     parser.add_argument("--host", default="127.0.0.1",
-                        help="bind address of the API (and the KEDA scaler); default 127.0.0.1; on Kubernetes "
-                             "the pod IP; 0.0.0.0 only when every interface should answer")
+                        help="bind address of the API and the KEDA scaler, or a comma-separated list "
+                             "(default 127.0.0.1; on Kubernetes the pod IP and 127.0.0.1; 0.0.0.0 only when "
+                             "every interface should answer)")
     tls = parser.add_argument_group("TLS on the OpenAI API (vLLM's flags)")
     tls.add_argument("--ssl-keyfile", default=None, metavar="PEM", help="the server's private key (HTTPS)")
     tls.add_argument("--ssl-certfile", default=None, metavar="PEM", help="the server's certificate chain")
@@ -148,7 +149,7 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise SystemExit(f"splitserve router: {exc}") from None
     try:
-        asyncio.run(serve(config))
+        event_loop.run(serve(config))
     except (OSError, ValueError, RuntimeError) as exc:  # bad model dir, port taken, no cluster config
         raise SystemExit(f"splitserve router: {exc}") from None
     return 0

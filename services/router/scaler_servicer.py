@@ -73,7 +73,8 @@ class ExternalScalerServicer(pb_grpc.ExternalScalerServicer):
 
 class ScalerServer:
     """The grpc.aio server for ``ExternalScalerServicer`` on ``host:port``
-    (port 0 picks a free one; ``port`` then holds it after ``start``)."""
+    (``host``: one address or a comma-separated list; port 0 picks a free
+    one; ``port`` then holds it after ``start``)."""
 
     def __init__(self, core: ScalerCore, host: str, port: int) -> None:
         self.core = core
@@ -84,10 +85,11 @@ class ScalerServer:
     async def start(self) -> None:
         server = grpc.aio.server()
         pb_grpc.add_ExternalScalerServicer_to_server(ExternalScalerServicer(self.core), server)
-        bound = server.add_insecure_port(f"{self.host}:{self.port}")
-        if bound == 0:
-            raise OSError(f"cannot bind the scaler's gRPC port {self.host}:{self.port}")
-        self.port = bound
+        for host in (h.strip() for h in self.host.split(",") if h.strip()):
+            bound = server.add_insecure_port(f"{host}:{self.port}")
+            if bound == 0:
+                raise OSError(f"cannot bind the scaler's gRPC port {host}:{self.port}")
+            self.port = bound  # the next host binds the same port
         await server.start()
         self._server = server
 

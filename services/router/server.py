@@ -46,6 +46,8 @@ class RouterConfig:
     vLLM; ``max_prompt_tokens`` to the model's ``max_position_embeddings``.
     ``block_size`` must equal the pods'. ``scaler_port`` 0: no KEDA scaler.
     ``shutdown_grace_s``: how long open streams may run after SIGTERM.
+    ``host``: one bind address or a comma-separated list (on Kubernetes the
+    pod IP plus 127.0.0.1, so ``kubectl port-forward`` still reaches it).
     ``http_tls``: HTTPS on the OpenAI port; ``grpc_tls``: TLS (mutual with a
     CA) on the channels to the pods."""
 
@@ -78,11 +80,18 @@ class RouterConfig:
                 "static", prefill=self.prefill, decode=self.decode, unified=self.unified))
         elif self.prefill or self.decode or self.unified:
             raise ValueError("give pod addresses in the DiscoveryConfig, not both")
+        if not self.hosts:
+            raise ValueError(f"--host must name at least one address, got {self.host!r}")
         if not 0 <= self.scaler_port < 65536:
             raise ValueError(f"--scaler-port must be in 0..65535, got {self.scaler_port}")
         if self.shutdown_grace_s < 0:
             raise ValueError(f"--shutdown-grace-seconds must be >= 0, got {self.shutdown_grace_s}")
         QueueConfig(self.max_queued_requests, self.queue_timeout_s)  # validates
+
+    @property
+    def hosts(self) -> tuple[str, ...]:
+        """The addresses to bind (``host`` split on commas)."""
+        return tuple(h.strip() for h in self.host.split(",") if h.strip())
 
     @property
     def pods(self) -> DiscoveryConfig:
@@ -172,10 +181,11 @@ async def serve(config: RouterConfig, stop: asyncio.Event | None = None) -> None
         loop.add_signal_handler(sig, stop.set)
     discovery = asyncio.create_task(parts.source.run(parts.feed), name=f"discovery:{parts.source.name}")
     tracker = RequestTracker(parts.app)
-    http = EmbeddedHTTPServer(tracker, config.host, config.port, tls=config.http_tls)
+    https = [EmbeddedHTTPServer(tracker, host, config.port, tls=config.http_tls) for host in config.hosts]
     scaler = ScalerServer(parts.scaler, config.host, config.scaler_port) if config.scaler_port else None
     try:
-        await http.start()
+        for http in https:
+            await http.start()
         if scaler is not None:
             await scaler.start()
         logger.info("router on %s://%s:%d/v1 (discovery %s, policy %s%s)",
@@ -196,7 +206,8 @@ async def serve(config: RouterConfig, stop: asyncio.Event | None = None) -> None
         await asyncio.gather(discovery, return_exceptions=True)
         if scaler is not None:
             await scaler.stop()
-        await http.stop()
+        for http in https:
+            await http.stop()
         await parts.watcher.stop()
         await parts.orchestrator.aclose()
         for sig in (signal.SIGINT, signal.SIGTERM):

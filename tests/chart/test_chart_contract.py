@@ -43,7 +43,7 @@ def test_engine_pods_get_the_contract_flags(options: cs.Options) -> None:
         c = v.engine(d)
         args = c["args"]
         assert args[:2] == ["serve", role]
-        assert v.flag(args, "--host") == "0.0.0.0" and v.flag(args, "--port") == "50051"
+        assert v.flag(args, "--host") == "$(POD_IP)" and v.flag(args, "--port") == "50051"  # not 0.0.0.0
         assert v.flag(args, "--http-port") == "8081"
         assert v.flag(args, "--advertise-address") == "$(POD_IP):50051"
         assert v.flag(args, "--agent-name") == "$(POD_NAME)"
@@ -92,7 +92,7 @@ def test_router_discovery_flags(discovery: str) -> None:
     docs = cs.render(cs.Options(values=("values-cpu.yaml",), sets=(("router.discovery", discovery),)))
     args = v.pod_args(cs.named(docs, "Deployment", "splitserve-router")["spec"]["template"]["spec"])
     assert args[0] == "router" and v.flag(args, "--discovery") == discovery
-    assert v.flag(args, "--port") == "8000" and v.flag(args, "--host") == "0.0.0.0"
+    assert v.flag(args, "--port") == "8000" and v.flag(args, "--host") == "$(POD_IP),127.0.0.1"
     for flag in ("--max-queued-requests", "--queue-timeout-seconds", "--shutdown-grace-seconds", "--reconcile-seconds"):
         assert float(v.flag(args, flag)) > 0
     if discovery == "kubernetes":
@@ -235,3 +235,13 @@ def test_rendered_args_parse_with_the_real_cli(case: cs.Case) -> None:
                 assert parsed.discovery in ("kubernetes", "dns", "static")
             else:
                 assert parsed.advertise_address == "10.0.0.7:50051"
+
+
+def test_processes_bind_the_pod_ip_unless_told_otherwise() -> None:
+    for bind, pod_host, router_host in (("$(POD_IP)", "$(POD_IP)", "$(POD_IP),127.0.0.1"),
+                                        ("0.0.0.0", "0.0.0.0", "0.0.0.0"), ("10.0.0.9", "10.0.0.9", "10.0.0.9,127.0.0.1")):
+        docs = cs.render(cs.Options(values=("values-cpu.yaml",), sets=(("bindAddress", bind),)))
+        for d in v.pool_deployments(docs).values():
+            assert v.flag(v.engine(d)["args"], "--host") == pod_host
+        router = cs.named(docs, "Deployment", "splitserve-router")["spec"]["template"]["spec"]
+        assert v.flag(v.pod_args(router), "--host") == router_host

@@ -31,7 +31,7 @@ helper takes (dict "ctx" $ "role" ROLE) and reads the pool's block
 - --served-model-name
 - {{ include "splitserve.servedModelName" $ctx | quote }}
 - --host
-- 0.0.0.0
+- {{ $ctx.Values.bindAddress | quote }}
 - --port
 - {{ $ctx.Values.podPorts.grpc | quote }}
 - --http-port

@@ -48,6 +48,11 @@ The router's names and arguments (runtime contract: `splitserve router ...`).
 {{- end }}
 {{- end }}
 
+{{/* The router's --host: bindAddress plus loopback (kubectl port-forward dials 127.0.0.1 inside the pod), unless bindAddress already covers every interface. */}}
+{{- define "splitserve.router.host" -}}
+{{- if has .Values.bindAddress (list "0.0.0.0" "::") }}{{ .Values.bindAddress }}{{ else }}{{ .Values.bindAddress }},127.0.0.1{{ end }}
+{{- end }}
+
 {{- define "splitserve.router.args" -}}
 {{- $r := .Values.router }}
 - router
@@ -56,7 +61,7 @@ The router's names and arguments (runtime contract: `splitserve router ...`).
 - --served-model-name
 - {{ include "splitserve.servedModelName" . | quote }}
 - --host
-- 0.0.0.0
+- {{ include "splitserve.router.host" . | quote }}
 - --port
 - {{ $r.port | quote }}
 - --policy

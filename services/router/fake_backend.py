@@ -23,7 +23,9 @@ class FakeBackend:
     chunk; ``fail_after`` raises ``BackendError`` after that many tokens.
 
     Records every request it saw (``requests``), ids whose stream was closed
-    before finishing (``cancelled``) and ids that finished (``finished``).
+    before finishing (``cancelled``) and ids that finished (``finished``: the
+    last chunk was sent and the consumer then closed or exhausted the
+    stream); an id in neither is a stream still open.
     """
 
     vocab_size: int = 256
@@ -88,10 +90,8 @@ class FakeBackend:
                     finish_reason=finish,
                     num_cached_tokens=self.num_cached_tokens,
                 )
-            self.finished.append(request.request_id)
-        finally:
-            if not done:
-                self.cancelled.append(request.request_id)
+        finally:  # runs once the consumer exhausts or closes the stream, never while it hangs open
+            (self.finished if done else self.cancelled).append(request.request_id)
 
     def _logprobs(self, tokens: list[int], k: int | None) -> tuple[TokenLogprobs, ...] | None:
         if k is None:

@@ -18,7 +18,7 @@ from splitserve.router.app import create_app
 KEY = "sk-fuzz"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 LIMITS = dict(max_prompt_tokens=256, max_tokens_limit=8, max_n=3, max_request_body_bytes=256 * 1024)
-MAX_EXAMPLES = 400  # per mode, all operations together
+MAX_EXAMPLES = 400  # per mode, all operations together; the run takes about 15 s
 
 
 @pytest.fixture(scope="module")
@@ -64,6 +64,10 @@ def test_no_fuzzed_request_gets_a_5xx(router_schema: schemathesis.BaseSchema, mo
             assert set(error) == {"message", "type", "param", "code"} and error["code"] == response.status_code
 
     fuzz()
+    backend = router_schema.app.state.serving.backend
+    open_streams = [r.request_id for r in backend.requests
+                    if r.request_id not in set(backend.finished) | set(backend.cancelled)]
+    assert open_streams == []  # every backend stream a fuzzed request started has ended
     print(f"{mode.value}: status counts {dict(sorted(seen.items()))}, generated {generated}")
     assert sum(seen.values()) >= MAX_EXAMPLES // 2
     if mode is GenerationMode.POSITIVE:  # the fuzz reached generation, not only the validators

@@ -257,6 +257,8 @@ MATRIX: tuple[Case, ...] = (
     Case("gpu-monitoring-prometheus", _s(("prefill.autoscaling.trigger", "prometheus"),
                                          values=("values-gpu.yaml",))),
     Case("unified-monitoring", _s(("monitoring.enabled", "true"), values=("values-unified.yaml",))),
+    Case("grpc-tls", _s(("grpcTLS.enabled", "true"), ("grpcTLS.secretName", "splitserve-grpc-tls"))),
+    Case("bind-all", _s(("bindAddress", "0.0.0.0"))),
 )
 
 

@@ -245,3 +245,23 @@ def test_processes_bind_the_pod_ip_unless_told_otherwise() -> None:
             assert v.flag(v.engine(d)["args"], "--host") == pod_host
         router = cs.named(docs, "Deployment", "splitserve-router")["spec"]["template"]["spec"]
         assert v.flag(v.pod_args(router), "--host") == router_host
+
+
+def test_grpc_mutual_tls_flags_and_secret_on_every_pod_and_the_router() -> None:
+    docs = cs.render(cs.Options(values=("values-cpu.yaml",), sets=(
+        ("grpcTLS.enabled", "true"), ("grpcTLS.secretName", "grpc-certs"), ("grpcTLS.serverName", "pods.local"))))
+    specs = [d["spec"]["template"]["spec"] for d in v.pool_deployments(docs).values()]
+    specs.append(cs.named(docs, "Deployment", "splitserve-router")["spec"]["template"]["spec"])
+    for spec in specs:
+        (container,) = spec["containers"]
+        args = container["args"]
+        assert v.flag(args, "--grpc-ssl-certfile") == "/etc/splitserve/grpc-tls/tls.crt"
+        assert v.flag(args, "--grpc-ssl-keyfile") == "/etc/splitserve/grpc-tls/tls.key"
+        assert v.flag(args, "--grpc-ssl-ca-certs") == "/etc/splitserve/grpc-tls/ca.crt"
+        assert v.flag(args, "--grpc-ssl-server-name") == "pods.local"
+        mount = {m["name"]: m for m in container["volumeMounts"]}["grpc-tls"]
+        assert mount["readOnly"] and mount["mountPath"] == "/etc/splitserve/grpc-tls"
+        assert {vol["name"]: vol for vol in spec["volumes"]}["grpc-tls"]["secret"]["secretName"] == "grpc-certs"
+    off = cs.render(v.CPU)
+    for d in v.pool_deployments(off).values():
+        assert "--grpc-ssl-certfile" not in v.engine(d)["args"]

@@ -66,6 +66,7 @@ TEMPLATE_REFUSALS = [
     ((("networkPolicy.kvPortRange.start", "5000"), ("networkPolicy.kvPortRange.end", "4000")),
      "networkPolicy.kvPortRange: end (4000) must be >= start (5000)"),
     ((("image.tag", "latest"),), "image.tag: `latest` is refused"),
+    ((("grpcTLS.enabled", "true"),), "grpcTLS.enabled=true needs grpcTLS.secretName"),
 ]
 
 

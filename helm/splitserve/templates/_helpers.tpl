@@ -113,6 +113,37 @@ securityContext:
     type: RuntimeDefault
 {{- end }}
 
+{{/* `--grpc-ssl-*` flags of every pod and the router when grpcTLS.enabled (the Secret mounted at /etc/splitserve/grpc-tls). */}}
+{{- define "splitserve.grpcTLS.args" -}}
+{{- if .Values.grpcTLS.enabled }}
+- --grpc-ssl-certfile
+- /etc/splitserve/grpc-tls/tls.crt
+- --grpc-ssl-keyfile
+- /etc/splitserve/grpc-tls/tls.key
+- --grpc-ssl-ca-certs
+- /etc/splitserve/grpc-tls/ca.crt
+- --grpc-ssl-server-name
+- {{ .Values.grpcTLS.serverName | quote }}
+{{- end }}
+{{- end }}
+
+{{- define "splitserve.grpcTLS.volumeMount" -}}
+{{- if .Values.grpcTLS.enabled }}
+- name: grpc-tls
+  mountPath: /etc/splitserve/grpc-tls
+  readOnly: true
+{{- end }}
+{{- end }}
+
+{{- define "splitserve.grpcTLS.volume" -}}
+{{- if .Values.grpcTLS.enabled }}
+- name: grpc-tls
+  secret:
+    secretName: {{ .Values.grpcTLS.secretName }}
+    defaultMode: 0440
+{{- end }}
+{{- end }}
+
 {{/* Env every splitserve container gets: the downward API and a writable HOME. */}}
 {{- define "splitserve.downwardEnv" -}}
 - name: POD_IP

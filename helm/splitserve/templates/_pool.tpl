@@ -44,6 +44,9 @@ helper takes (dict "ctx" $ "role" ROLE) and reads the pool's block
 - {{ $pool.kvLeaseSeconds | quote }}
 - --shutdown-grace-seconds
 - {{ $pool.shutdownGraceSeconds | quote }}
+{{- with include "splitserve.grpcTLS.args" $ctx | trim }}
+{{ . }}
+{{- end }}
 {{- with $pool.ucxTls }}
 - --ucx-tls
 - {{ . | quote }}
@@ -208,6 +211,9 @@ spec:
             {{- with include "splitserve.model.volumeMounts" $ctx | trim }}
             {{- . | nindent 12 }}
             {{- end }}
+            {{- with include "splitserve.grpcTLS.volumeMount" $ctx | trim }}
+            {{- . | nindent 12 }}
+            {{- end }}
       volumes:
         - name: tmp
           emptyDir:
@@ -217,6 +223,9 @@ spec:
             medium: Memory
             sizeLimit: {{ $pool.shmSizeLimit }}
         {{- with include "splitserve.model.volumes" $ctx | trim }}
+        {{- . | nindent 8 }}
+        {{- end }}
+        {{- with include "splitserve.grpcTLS.volume" $ctx | trim }}
         {{- . | nindent 8 }}
         {{- end }}
 {{- end }}

@@ -79,6 +79,9 @@ The router's names and arguments (runtime contract: `splitserve router ...`).
 - {{ $r.queueTimeoutSeconds | quote }}
 - --shutdown-grace-seconds
 - {{ $r.shutdownGraceSeconds | quote }}
+{{- with include "splitserve.grpcTLS.args" . | trim }}
+{{ . }}
+{{- end }}
 {{- range $r.extraArgs }}
 - {{ . | quote }}
 {{- end }}

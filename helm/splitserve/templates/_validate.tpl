@@ -5,6 +5,9 @@ from validate.yaml.
 */}}
 {{- define "splitserve.validate" -}}
 {{- $v := .Values }}
+{{- if and $v.grpcTLS.enabled (not $v.grpcTLS.secretName) }}
+{{- fail "grpcTLS.enabled=true needs grpcTLS.secretName: a kubernetes.io/tls Secret with tls.crt, tls.key and ca.crt" }}
+{{- end }}
 {{- if and $v.unified.enabled (or $v.prefill.enabled $v.decode.enabled) }}
 {{- fail "unified.enabled=true cannot be combined with the prefill/decode pools: set prefill.enabled=false and decode.enabled=false (as values-unified.yaml does), or disable unified" }}
 {{- end }}

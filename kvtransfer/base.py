@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 from .descriptors import BlockRun, check_block_range, coalesce_runs
 from .errors import KVTransferError, StalePeerError, UnknownPeerError, UnknownTransferError
+from .fault_hook import TransferFaults
 from .metadata import TransferMetadata, check_compatible
 from .transport import KVTransport, PeerHandle, TransferHandle, TransferMetrics, TransferState
 
@@ -35,15 +36,19 @@ class _Read:
     state: TransferState = TransferState.PENDING
     wire: object = None
     error: str | None = None
+    post_at: float | None = None  # a stalled READ (fault hook) is posted only then
 
 
 class BaseTransport(KVTransport):
-    """State machine and peer cache; see ``KVTransport`` for the contract."""
+    """State machine and peer cache; see ``KVTransport`` for the contract.
+    ``faults`` (tests only, see ``fault_hook``) fails or stalls READs."""
 
-    def __init__(self, *, default_timeout_s: float, clock: Clock) -> None:
+    def __init__(self, *, default_timeout_s: float, clock: Clock, faults: TransferFaults | None = None) -> None:
         if default_timeout_s <= 0:
             raise ValueError(f"default_timeout_s must be > 0, got {default_timeout_s}")
         self.metrics = TransferMetrics()
+        self._faults = faults
+        self._fault_dice = faults.dice() if faults is not None else None
         self._default_timeout_s = default_timeout_s
         self._clock = clock
         self._peers: dict[str, _Peer] = {}
@@ -153,15 +158,38 @@ class BaseTransport(KVTransport):
         self._reads[handle.transfer_id] = read
         self.metrics.transfers_started += 1
         self.metrics.reads_in_flight += 1
+        faults, dice = self._faults, self._fault_dice
+        if faults is not None and dice is not None:
+            if faults.fail_rate > 0 and dice.random() < faults.fail_rate:
+                self.metrics.faults_injected_fail += 1
+                self._fail(read, "post failed: injected by the test fault hook (SPLITSERVE_KV_FAULTS)")
+                return handle
+            if faults.stall_s > 0:
+                self.metrics.faults_injected_stall += 1
+                read.post_at = now + faults.stall_s
+                return handle
+        self._post(live, read)
+        return handle
+
+    def _post(self, live: _Peer, read: _Read) -> None:
+        read.post_at = None
         try:
             self._advance(read, self._wire_post(live, read))
         except KVTransferError as exc:
             self._fail(read, f"post failed: {exc}")
-        return handle
 
     def poll(self, handle: TransferHandle) -> TransferState:
         read = self._read(handle)
         if read.state.terminal:
+            return read.state
+        if read.post_at is not None:
+            if self._clock() >= read.post_at:
+                try:
+                    self._post(self._live_peer(handle.peer), read)
+                except (UnknownPeerError, StalePeerError) as exc:
+                    self._fail(read, f"post failed: {exc}")
+            elif self._clock() >= handle.deadline:
+                self._fail(read, "timed out", timed_out=True)
             return read.state
         try:
             self._advance(read, self._wire_progress(read))

@@ -13,6 +13,7 @@ import torch
 
 from .base import BaseTransport, Clock, _Peer, _Read
 from .errors import KVTransferError
+from .fault_hook import TransferFaults
 from .layout import KVCacheLayout
 from .metadata import PROTOCOL_VERSION, TransferMetadata
 from .transport import TransferState
@@ -44,8 +45,9 @@ class FakeTransport(BaseTransport):
         block_hash_version: int = 1,
         default_timeout_s: float = 30.0,
         clock: Clock = time.monotonic,
+        faults: TransferFaults | None = None,
     ) -> None:
-        super().__init__(default_timeout_s=default_timeout_s, clock=clock)
+        super().__init__(default_timeout_s=default_timeout_s, clock=clock, faults=faults)
         layout = KVCacheLayout.from_tensor(kv_cache)
         self.kv_cache = kv_cache
         self.start_delay_s = 0.0

@@ -28,6 +28,7 @@ import torch
 from .base import BaseTransport, Clock, _Peer, _Read
 from .descriptors import run_descriptors
 from .errors import InvalidMetadataError, KVTransferError
+from .fault_hook import TransferFaults
 from .layout import KVCacheLayout
 from .metadata import PROTOCOL_VERSION, TransferMetadata
 from .transport import TransferState
@@ -41,7 +42,8 @@ class NixlTransport(BaseTransport):
     Raises ``ValueError`` for a cache that is not a contiguous block-major
     tensor and ``KVTransferError`` if NIXL or its UCX plugin is unavailable.
     ``agent_name`` should be stable per pod (its name); restarts are told
-    apart by the fresh ``incarnation_id``.
+    apart by the fresh ``incarnation_id``. ``faults``: the test-only hook
+    (``fault_hook``), None in production.
     """
 
     def __init__(
@@ -57,8 +59,9 @@ class NixlTransport(BaseTransport):
         progress_thread: bool = False,
         default_timeout_s: float = 30.0,
         clock: Clock = time.monotonic,
+        faults: TransferFaults | None = None,
     ) -> None:
-        super().__init__(default_timeout_s=default_timeout_s, clock=clock)
+        super().__init__(default_timeout_s=default_timeout_s, clock=clock, faults=faults)
         layout = KVCacheLayout.from_tensor(kv_cache)
         if not agent_name:
             raise ValueError("agent_name must be non-empty (use the pod name)")

@@ -68,6 +68,8 @@ class TransferMetrics:
     notifications_received: int = 0
     peers_added: int = 0
     peers_rehandshaked: int = 0
+    faults_injected_fail: int = 0   # the test fault hook only (fault_hook.py)
+    faults_injected_stall: int = 0
 
 
 class KVTransport(ABC):

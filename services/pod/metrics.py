@@ -59,6 +59,12 @@ class _PodCollector(Collector):
                                   transfer.bytes_transferred if transfer else 0)
         yield CounterMetricFamily(P + "kv_transfer_failures", "KV pulls that failed (the prompt was recomputed).",
                                   src.transfer_failures())
+        injected = CounterMetricFamily(P + "kv_transfer_faults_injected",
+                                       "KV READs failed or stalled by the test fault hook (SPLITSERVE_KV_FAULTS).",
+                                       labels=["fault"])
+        injected.add_metric(["fail"], transfer.faults_injected_fail if transfer else 0)
+        injected.add_metric(["stall"], transfer.faults_injected_stall if transfer else 0)
+        yield injected
         yield GaugeMetricFamily(P + "kv_blocks_leased", "KV blocks held for decoders under a lease.",
                                 src.leased_blocks())
         yield CounterMetricFamily(P + "kv_lease_expired", "KV leases that expired unpulled.", src.leases_expired())

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 import sys
 
@@ -52,7 +53,9 @@ class PodServer:
             loop.add_signal_handler(sig, self.request_stop)
         core = self.core = await asyncio.to_thread(self._build_core)
         await core.start()
-        server = grpc.aio.server()
+        # Accept the router's keepalive pings (pd_client: every 5 s, with or without calls).
+        server = grpc.aio.server(options=[("grpc.keepalive_permit_without_calls", 1),
+                                          ("grpc.http2.min_recv_ping_interval_without_data_ms", 4_000)])
         pb_grpc.add_EngineServicer_to_server(PodServicer(core), server)
         bound = add_port(server, f"{self.config.host}:{self.config.port}", self.config.grpc_tls)
         if bound == 0:
@@ -83,15 +86,19 @@ class PodServer:
         transport = None
         client = None
         if self.config.role is not Role.UNIFIED:
+            from splitserve.kvtransfer.fault_hook import TransferFaults
             from splitserve.kvtransfer.nixl_transport import NixlTransport
 
+            faults = TransferFaults.from_env(os.environ)
+            if faults is not None:
+                logger.warning("TEST FAULT HOOK ON: KV READs are failed or stalled (%s)", faults)
             kv_cache = engine.core.runner.kv_cache  # type: ignore[attr-defined]
             dtype = str(kv_cache.dtype).removeprefix("torch.")
             transport = NixlTransport(
                 self.config.transfer_agent_name, kv_cache,
                 model_fingerprint=model_fingerprint(self.engine_args.model, dtype),
                 ucx_tls=self.config.ucx_tls, default_timeout_s=self.config.kv_transfer_timeout_s,
-                progress_thread=self.config.nixl_progress_thread)
+                progress_thread=self.config.nixl_progress_thread, faults=faults)
         if self.config.role is Role.DECODE:
             from splitserve.decode.peer_client import GrpcPeerClient
 

@@ -132,8 +132,10 @@ class UpProcess:
     real ``splitserve scale|rollout|status`` commands on its state dir."""
 
     def __init__(self, model: Path, tmp: Path, *, prefill: int = 1, decode: int = 1,
-                 pod_args: Sequence[str] = (), router_args: Sequence[str] = ()) -> None:
+                 pod_args: Sequence[str] = (), router_args: Sequence[str] = (),
+                 env: dict[str, str] | None = None) -> None:
         self.model = model
+        self.env = {**os.environ, **(env or {})}  # the up and every process it starts
         self.port = free_port()
         self.state_dir = tmp / "state"
         self.log_dir = tmp / "logs"
@@ -151,7 +153,8 @@ class UpProcess:
 
     def start(self, timeout: float = 240.0) -> None:
         with open(self.stdout_path, "wb") as out, open(self.stderr_path, "wb") as err:
-            self.process = subprocess.Popen(self.argv, stdout=out, stderr=err, start_new_session=True)
+            self.process = subprocess.Popen(self.argv, stdout=out, stderr=err, start_new_session=True,
+                                            env=self.env)
         deadline = time.monotonic() + timeout
         while "OpenAI base URL" not in self.stdout_path.read_text():
             if self.process.poll() is not None or time.monotonic() > deadline:

@@ -143,6 +143,10 @@ class OpenAIServing:
 
         Closing this iterator (client disconnect) cancels every backend request
         of it. A backend failure becomes an error event, as vLLM does.
+
+        Events that are ready together leave as one string (one socket write):
+        the chat role chunks ride with the first token, and the last choice's
+        finish with the usage chunk and ``[DONE]``.
         """
         prefix, obj = _OBJECTS[inp.endpoint]
         request_id = f"{prefix}-{uuid.uuid4().hex}"
@@ -163,10 +167,11 @@ class OpenAIServing:
             body = fmt.envelope(request_id, obj, created, inp.model, choices, usage)
             return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
 
+        held = ""  # written with the next event
         if inp.endpoint == "chat":
-            for index in range(inp.num_choices):
-                yield event([fmt.chat_delta_choice(index, {"role": "assistant", "content": ""}, None, None)],
-                            inp.continuous_usage_stats)
+            held = "".join(event([fmt.chat_delta_choice(index, {"role": "assistant", "content": ""}, None, None)],
+                                 inp.continuous_usage_stats) for index in range(inp.num_choices))
+        unfinished = inp.num_choices
         try:
             async with aclosing(self._deltas(inp, request_id)) as deltas:
                 async for delta in deltas:
@@ -177,21 +182,26 @@ class OpenAIServing:
                         echo.remove(delta.index)
                         prompt_text = inp.echo_prompts[delta.index // inp.sampling_params.n]
                         delta = replace(delta, text=prompt_text + delta.text)
+                    unfinished -= delta.finish_reason is not None
                     if tools is not None:
                         choice = self._tool_choice(inp, delta, tools[delta.index])
-                        if choice is not None:
-                            yield event([choice], inp.continuous_usage_stats)
+                    elif not delta.text and delta.finish_reason is None and inp.logprobs is None:
+                        choice = None
+                    else:
+                        choice = self._stream_choice(inp, delta, builders)
+                    if choice is None:
                         continue
-                    if not delta.text and delta.finish_reason is None and inp.logprobs is None:
-                        continue
-                    yield event([self._stream_choice(inp, delta, builders)], inp.continuous_usage_stats)
+                    held += event([choice], inp.continuous_usage_stats)
+                    if unfinished > 0:
+                        yield held
+                        held = ""
         except (BackendError, OpenAIError) as exc:
             error = _backend_error(exc) if isinstance(exc, BackendError) else exc
-            yield f"data: {json.dumps(error.body())}\n\n"
+            held += f"data: {json.dumps(error.body())}\n\n"
         else:
             if inp.include_usage:
-                yield event([], True)
-        yield "data: [DONE]\n\n"
+                held += event([], True)
+        yield held + "data: [DONE]\n\n"
 
     def _tool_choice(self, inp: GenerationInput, delta: ChoiceDelta,
                      stream: ToolCallStream) -> dict[str, Any] | None:

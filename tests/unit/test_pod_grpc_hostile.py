@@ -7,10 +7,13 @@ bad KV handle, recomputed without reading a block the lease does not hold;
 the pods keep serving and end with 0 blocks used and 0 leases."""
 from __future__ import annotations
 
+import asyncio
 import math
 
 import grpc
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from pod_fixtures import Cluster, grpc_pods, wait_clean
 from splitserve.engine.sampling_params import SamplingParams
@@ -19,7 +22,7 @@ from splitserve.pod.proto_convert import sampling_to_proto
 from splitserve.proto import splitserve_v1_pb2 as pb
 from splitserve.proto import splitserve_v1_pb2_grpc as pb_grpc
 
-pytestmark = [pytest.mark.asyncio, pytest.mark.timeout(240)]
+pytestmark = pytest.mark.timeout(240)
 GREEDY = sampling_to_proto(SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True))
 PROMPT_A = list(range(1, 20))          # 19 tokens: 3 blocks of 8
 PROMPT_B = list(range(100, 119))
@@ -70,6 +73,7 @@ def _tokens(events: list[pb.DecodeResponse]) -> list[int]:
     return [t for e in events if e.WhichOneof("event") == "chunk" for t in e.chunk.token_ids]
 
 
+@pytest.mark.asyncio
 async def test_malformed_rpcs_are_refused_and_the_pods_keep_serving(tiny_checkpoints: dict) -> None:
     cluster = Cluster(tiny_checkpoints["llama"])
     async with grpc_pods(cluster) as pods:
@@ -164,3 +168,78 @@ async def test_malformed_rpcs_are_refused_and_the_pods_keep_serving(tiny_checkpo
             load = await p.GetLoad(pb.GetLoadRequest())
             assert load.num_leased_blocks == 0 and load.num_free_blocks == load.num_total_blocks
     await cluster.close()
+
+
+_F32 = st.one_of(st.floats(width=32), st.sampled_from([0.0, -1.0, math.nan, math.inf, -math.inf, 3.4e38]))
+_U32 = st.integers(0, 2**32 - 1)
+_VALID = {"temperature": st.floats(0, 2, width=32), "top_p": st.floats(0.0625, 1, width=32),
+          "repetition_penalty": st.floats(0.5, 2, width=32), "max_tokens": st.integers(1, 4),
+          "ignore_eos": st.booleans()}
+_WILD = {"n": st.integers(0, 4), "max_tokens": st.one_of(st.just(0), _U32), "min_tokens": _U32,
+         "temperature": _F32, "top_p": _F32, "top_k": st.integers(-(2**31), 2**31 - 1), "min_p": _F32,
+         "seed": st.integers(0, 2**64 - 1), "presence_penalty": _F32, "frequency_penalty": _F32,
+         "repetition_penalty": _F32, "stop_token_ids": st.lists(_U32, max_size=5),
+         "logprobs": st.integers(0, 2**32 - 1)}
+
+
+@st.composite
+def _prefills(draw: st.DrawFn) -> pb.PrefillRequest:
+    """A valid request with a few fields (often none) replaced by values from
+    anywhere in their proto type's range."""
+    fields = draw(st.fixed_dictionaries(_VALID))
+    fields.update(draw(st.fixed_dictionaries({}, optional=_WILD).filter(lambda d: len(d) <= 3)))
+    tokens = draw(st.one_of(st.lists(st.integers(1, 250), min_size=1, max_size=60),
+                            st.lists(_U32, max_size=200)))
+    request_id = draw(st.one_of(st.uuids().map(str), st.text(max_size=12)))
+    return pb.PrefillRequest(request_id=request_id, token_ids=tokens, sampling=pb.SamplingParams(**fields),
+                             cache_salt=draw(st.text(max_size=8)))
+
+
+def test_fuzzed_prefill_requests_get_ok_or_invalid_argument(tiny_checkpoints: dict) -> None:
+    """Hypothesis draws PrefillRequests over the proto's whole value ranges
+    (NaN and infinite floats, every int32/uint32/uint64 extreme, empty and
+    non-ASCII ids and salts): each answer is OK or INVALID_ARGUMENT, never
+    INTERNAL or UNKNOWN; every lease granted is released; the pod ends clean."""
+    loop = asyncio.new_event_loop()
+    cluster = Cluster(tiny_checkpoints["llama"])
+    pods = grpc_pods(cluster, (Role.PREFILL,))
+    (port, core), = loop.run_until_complete(pods.__aenter__()).values()
+
+    async def open_channel() -> grpc.aio.Channel:  # grpc.aio binds a channel to the loop it is made on
+        return grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+
+    channel = loop.run_until_complete(open_channel())
+    stub = pb_grpc.EngineStub(channel)
+    codes: dict[str, int] = {}
+
+    async def call(request: pb.PrefillRequest) -> grpc.StatusCode:
+        try:
+            reply = await stub.Prefill(request, timeout=60)
+        except grpc.aio.AioRpcError as exc:
+            return exc.code()
+        if reply.HasField("kv_handle"):
+            await stub.ReleaseKV(pb.ReleaseKVRequest(request_id=request.request_id))
+        return grpc.StatusCode.OK
+
+    @given(request=_prefills())
+    @settings(max_examples=120, deadline=None, derandomize=True, database=None,
+              suppress_health_check=list(HealthCheck))
+    def fuzz(request: pb.PrefillRequest) -> None:
+        code = loop.run_until_complete(call(request))
+        codes[code.name] = codes.get(code.name, 0) + 1
+        assert code in (grpc.StatusCode.OK, grpc.StatusCode.INVALID_ARGUMENT), (code, request)
+
+    try:
+        fuzz()
+        print(f"fuzzed Prefill status codes: {codes}")
+        assert codes.get("OK", 0) > 0 and codes.get("INVALID_ARGUMENT", 0) > 0  # both sides were reached
+        ok = loop.run_until_complete(stub.Prefill(pb.PrefillRequest(request_id="after", token_ids=PROMPT_A,
+                                                                   sampling=GREEDY), timeout=60))
+        assert ok.HasField("kv_handle")
+        loop.run_until_complete(stub.ReleaseKV(pb.ReleaseKVRequest(request_id="after")))
+        loop.run_until_complete(wait_clean(core))
+    finally:
+        loop.run_until_complete(channel.close())
+        loop.run_until_complete(pods.__aexit__(None, None, None))
+        loop.run_until_complete(cluster.close())
+        loop.close()

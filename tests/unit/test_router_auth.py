@@ -22,7 +22,7 @@ BODIES = {"/v1/chat/completions": {"model": MODEL, "messages": [{"role": "user",
           "/v1/completions": {"model": MODEL, "prompt": "hi", "max_tokens": 2},
           "/tokenize": {"model": MODEL, "prompt": "hi"}, "/detokenize": {"model": MODEL, "tokens": [104]}}
 WRONG = [None, "Bearer sk-wrong-key", "Bearer " + KEY[:-1], "Bearer " + KEY + "x", "Basic " + KEY,
-         "bearer", "Bearer ", KEY]
+         "bearer", "Bearer ", KEY, b"Bearer \xff\xfe" + KEY.encode(), "Bearer " + KEY + ", Bearer x"]
 
 
 def _routes(app: Any) -> list[tuple[str, str]]:

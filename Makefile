@@ -8,7 +8,7 @@ TORCH_SPEC ?= torch==2.13.0
 MODEL_DIR ?= .cache/tiny-llama
 PYTEST_ARGS ?=
 
-.PHONY: install run test test-fast bench bench-peers proto clean image test-image
+.PHONY: install run test test-fast test-chaos bench bench-peers proto clean image test-image
 
 $(VENV)/.installed: pyproject.toml setup.py Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -35,7 +35,11 @@ test: install
 	$(PY) -m pytest -q $(PYTEST_ARGS) -m "not gpu and not image"
 
 test-fast: install
-	$(PY) -m pytest -q $(PYTEST_ARGS) -m "not gpu and not image and not integration and not e2e"
+	$(PY) -m pytest -q $(PYTEST_ARGS) -m "not gpu and not image and not integration and not e2e and not chaos"
+
+# Kills, freezes and injected KV faults through `splitserve up` (also part of `make test`).
+test-chaos: install
+	$(PY) -m pytest -q $(PYTEST_ARGS) -m chaos --durations=0 tests/chaos
 
 # The container image (Dockerfile) with podman or docker, whichever works
 # (scripts/image/engine.sh installs podman + runc when neither does). Without

@@ -226,12 +226,15 @@ def test_clients_hang_up_mid_stream_mid_prefill_and_mid_read(cluster: UpProcess,
     assert_pods_clean(up)
     # Mid-prefill: the prefill pod is frozen, so the Prefill calls are still pending.
     handed_off = disaggregated(up)
+    decode_only = router_counter(up.port, "splitserve:pd_decisions_total", path="decode_only")
     with frozen([prefill["pid"]]):
         waiting = streams(up, SHORT, "hangup-prefill")
         time.sleep(0.5)
         waiting.hang_up()
         assert all(o.disconnected for o in waiting.results())
+    # Neither Prefill returned nor fell back to decode-only: both were still at the prefill pod.
     assert disaggregated(up) == handed_off
+    assert router_counter(up.port, "splitserve:pd_decisions_total", path="decode_only") == decode_only
     wait_router_ready(up)
     assert_pods_clean(up)  # an aborted Prefill leaves no block; a late lease expires
     # Mid-READ: the READs are in flight (stalled) when the clients go.

@@ -259,6 +259,8 @@ MATRIX: tuple[Case, ...] = (
     Case("unified-monitoring", _s(("monitoring.enabled", "true"), values=("values-unified.yaml",))),
     Case("grpc-tls", _s(("grpcTLS.enabled", "true"), ("grpcTLS.secretName", "splitserve-grpc-tls"))),
     Case("bind-all", _s(("bindAddress", "0.0.0.0"))),
+    Case("router-tls", _s(("router.tls.enabled", "true"), ("router.tls.secretName", "router-cert"),
+                          ("router.ingress.enabled", "true"), ("monitoring.enabled", "true"))),
 )
 
 

@@ -265,3 +265,27 @@ def test_grpc_mutual_tls_flags_and_secret_on_every_pod_and_the_router() -> None:
     off = cs.render(v.CPU)
     for d in v.pool_deployments(off).values():
         assert "--grpc-ssl-certfile" not in v.engine(d)["args"]
+
+
+def test_router_https_flags_probes_test_monitor_and_ingress() -> None:
+    docs = cs.render(cs.Options(values=("values-cpu.yaml",), sets=(
+        ("router.tls.enabled", "true"), ("router.tls.secretName", "router-cert"), ("router.ingress.enabled", "true"),
+        ("monitoring.enabled", "true"), ("monitoring.serviceMonitor.enabled", "true")), skip_tests=False))
+    spec = cs.named(docs, "Deployment", "splitserve-router")["spec"]["template"]["spec"]
+    (router,) = spec["containers"]
+    assert v.flag(router["args"], "--ssl-keyfile") == "/etc/splitserve/router-tls/tls.key"
+    assert v.flag(router["args"], "--ssl-certfile") == "/etc/splitserve/router-tls/tls.crt"
+    assert {m["name"]: m for m in router["volumeMounts"]}["router-tls"]["readOnly"]
+    assert {vol["name"]: vol for vol in spec["volumes"]}["router-tls"]["secret"]["secretName"] == "router-cert"
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert router[probe]["httpGet"]["scheme"] == "HTTPS", probe
+    (test_pod,) = [d for d in docs if d["kind"] == "Pod"]
+    env = {e["name"]: e.get("value") for e in test_pod["spec"]["containers"][0]["env"]}
+    assert env["ROUTER_URL"].startswith("https://")
+    (monitor,) = [d for d in docs if d["kind"] == "ServiceMonitor"]
+    assert monitor["spec"]["endpoints"][0]["scheme"] == "https"
+    ingress = cs.named(docs, "Ingress", "splitserve-router")
+    assert ingress["metadata"]["annotations"]["nginx.ingress.kubernetes.io/backend-protocol"] == "HTTPS"
+    plain = cs.named(cs.render(v.CPU), "Deployment", "splitserve-router")["spec"]["template"]["spec"]
+    assert "--ssl-keyfile" not in plain["containers"][0]["args"]
+    assert "scheme" not in plain["containers"][0]["readinessProbe"]["httpGet"]

@@ -67,6 +67,9 @@ TEMPLATE_REFUSALS = [
      "networkPolicy.kvPortRange: end (4000) must be >= start (5000)"),
     ((("image.tag", "latest"),), "image.tag: `latest` is refused"),
     ((("grpcTLS.enabled", "true"),), "grpcTLS.enabled=true needs grpcTLS.secretName"),
+    ((("router.tls.enabled", "true"),), "router.tls.enabled=true needs router.tls.secretName"),
+    ((("router.tls.enabled", "true"), ("router.tls.secretName", "c"), ("router.httpRoute.enabled", "true")),
+     "router.tls with router.httpRoute needs a BackendTLSPolicy"),
 ]
 
 

@@ -53,6 +53,11 @@ The router's names and arguments (runtime contract: `splitserve router ...`).
 {{- if has .Values.bindAddress (list "0.0.0.0" "::") }}{{ .Values.bindAddress }}{{ else }}{{ .Values.bindAddress }},127.0.0.1{{ end }}
 {{- end }}
 
+{{/* The router API's URL scheme. */}}
+{{- define "splitserve.router.scheme" -}}
+{{- if .Values.router.tls.enabled }}https{{ else }}http{{ end }}
+{{- end }}
+
 {{- define "splitserve.router.args" -}}
 {{- $r := .Values.router }}
 - router
@@ -81,6 +86,12 @@ The router's names and arguments (runtime contract: `splitserve router ...`).
 - {{ $r.shutdownGraceSeconds | quote }}
 {{- with include "splitserve.grpcTLS.args" . | trim }}
 {{ . }}
+{{- end }}
+{{- if $r.tls.enabled }}
+- --ssl-keyfile
+- /etc/splitserve/router-tls/tls.key
+- --ssl-certfile
+- /etc/splitserve/router-tls/tls.crt
 {{- end }}
 {{- range $r.extraArgs }}
 - {{ . | quote }}

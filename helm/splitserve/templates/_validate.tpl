@@ -5,6 +5,12 @@ from validate.yaml.
 */}}
 {{- define "splitserve.validate" -}}
 {{- $v := .Values }}
+{{- if and $v.router.tls.enabled (not $v.router.tls.secretName) }}
+{{- fail "router.tls.enabled=true needs router.tls.secretName: a kubernetes.io/tls Secret with tls.crt and tls.key" }}
+{{- end }}
+{{- if and $v.router.tls.enabled $v.router.httpRoute.enabled }}
+{{- fail "router.tls with router.httpRoute needs a BackendTLSPolicy this chart does not make: terminate TLS at the Gateway, or use router.ingress" }}
+{{- end }}
 {{- if and $v.grpcTLS.enabled (not $v.grpcTLS.secretName) }}
 {{- fail "grpcTLS.enabled=true needs grpcTLS.secretName: a kubernetes.io/tls Secret with tls.crt, tls.key and ca.crt" }}
 {{- end }}

@@ -11,6 +11,8 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 import httpx
 import openai
@@ -135,6 +137,23 @@ class Streams:
         self._thread.join(timeout if timeout is not None else self.timeout_s + 30)
         assert not self._thread.is_alive() and self.outcomes is not None, "a stream hung"
         return self.outcomes
+
+
+@contextmanager
+def up_cluster(model: Path, tmp: Path, **kwargs: Any) -> Iterator[UpProcess]:
+    """A module's ``splitserve up`` (``UpProcess`` arguments); afterwards it
+    must have exited 0 and left none of its pods running."""
+    process = UpProcess(model, tmp, **kwargs)
+    process.start()
+    pids: list[int] = []
+    try:
+        yield process
+        pids = [pod["pid"] for pod in pods_of(process)]
+    finally:
+        code = process.stop()
+    assert code == 0, process.events()[-3000:]
+    time.sleep(0.5)
+    assert not [pid for pid in pids if alive(pid)], "pods outlived `splitserve up`"
 
 
 def wait_until(predicate: Callable[[], bool], timeout: float, what: str, poll_s: float = 0.02) -> None:

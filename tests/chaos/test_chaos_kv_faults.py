@@ -10,14 +10,13 @@ computes each prompt itself, no READ happens, so no fault can.
 """
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from chaos_support import (
-    SPECS, Streams, alive, assert_identical, assert_pods_clean, pods_counter, pods_of, reference_outcomes,
-    router_counter, wait_router_ready,
+    SPECS, Streams, assert_identical, assert_pods_clean, pods_counter, pods_of, reference_outcomes, router_counter,
+    up_cluster, wait_router_ready,
 )
 from e2e_support import KV_CACHE_ARGS, UpProcess
 
@@ -28,19 +27,10 @@ POD_ARGS = [*KV_CACHE_ARGS, "--max-model-len", "512", "--kv-lease-seconds", "4"]
 
 @pytest.fixture(scope="module")
 def up(llama_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[UpProcess]:
-    process = UpProcess(llama_model, tmp_path_factory.mktemp("kv-faults"), prefill=0, decode=1,
-                        pod_args=POD_ARGS, router_args=["--pd-threshold-tokens=0"],
-                        env={"SPLITSERVE_KV_FAULTS": "fail=0.5,seed=16"})
-    process.start()
-    pids: list[int] = []
-    try:
+    with up_cluster(llama_model, tmp_path_factory.mktemp("kv-faults"), prefill=0, decode=1, pod_args=POD_ARGS,
+                    router_args=["--pd-threshold-tokens=0"],
+                    env={"SPLITSERVE_KV_FAULTS": "fail=0.5,seed=16"}) as process:
         yield process
-        pids = [pod["pid"] for pod in pods_of(process)]
-    finally:
-        code = process.stop()
-    assert code == 0, process.events()[-3000:]
-    time.sleep(0.5)
-    assert not [pid for pid in pids if alive(pid)], "pods outlived `splitserve up`"
 
 
 def test_injected_read_failures_recompute_exactly_and_are_counted(up: UpProcess) -> None:

@@ -25,8 +25,8 @@ from pathlib import Path
 
 import pytest
 from chaos_support import (
-    LONG, SHORT, Outcome, Streams, alive, assert_identical, assert_pods_clean, busiest, frozen, load_of, pods_counter,
-    pods_of, reference_outcomes, router_counter, wait_router_ready, wait_until,
+    LONG, SHORT, Outcome, Streams, assert_identical, assert_pods_clean, busiest, frozen, load_of, pods_counter,
+    pods_of, reference_outcomes, router_counter, up_cluster, wait_router_ready, wait_until,
 )
 from e2e_support import KV_CACHE_ARGS, UpProcess
 from splitserve.local.probes import free_port, is_healthy
@@ -43,18 +43,9 @@ RECOMPUTED = {"role": "decode", "reason": "kv_pull_recomputed"}
 
 @pytest.fixture(scope="module")
 def up(llama_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[UpProcess]:
-    process = UpProcess(llama_model, tmp_path_factory.mktemp("chaos"), prefill=1, decode=2, pod_args=POD_ARGS,
-                        router_args=ROUTER_ARGS, env={"SPLITSERVE_KV_FAULTS": f"stall={STALL_S}"})
-    process.start()
-    pids: list[int] = []
-    try:
+    with up_cluster(llama_model, tmp_path_factory.mktemp("chaos"), prefill=1, decode=2, pod_args=POD_ARGS,
+                    router_args=ROUTER_ARGS, env={"SPLITSERVE_KV_FAULTS": f"stall={STALL_S}"}) as process:
         yield process
-        pids = [pod["pid"] for pod in pods_of(process)]
-    finally:
-        code = process.stop()
-    assert code == 0, process.events()[-3000:]
-    time.sleep(0.5)
-    assert not [pid for pid in pids if alive(pid)], "pods outlived `splitserve up`"
 
 
 @pytest.fixture(scope="module")

@@ -18,6 +18,16 @@ Reported: output tokens/s over the run's wall time, request latency
 (submission of the batch to the request's last token), and how many requests'
 tokens equal splitserve's (greedy fp32 should agree). Prints a table;
 ``--json PATH`` writes the numbers with the hardware and workload.
+
+``--constraint json`` measures what structured outputs cost instead: the
+same batch through splitserve with no constraint and with the deployment
+guide's JSON schema (``{"entities": [{"name", "type"}]}``, vLLM's default
+options) on every request, alternating ``--rounds`` times (default 2: none,
+json, json, none) in one process. Both use a byte-level BPE tokenizer of the model's 32,000 tokens
+(``bench/bpe_tokenizer.py``; llguidance cannot use the word-level one); the
+random weights never close a string, so constrained requests run to
+``max_tokens`` too. Reported: output tok/s of each run and the slowdown
+(target <= 10%).
 """
 from __future__ import annotations
 
@@ -38,6 +48,9 @@ from bench.bench_models import LLAMA_56M, ensure_bench_model  # noqa: E402
 from bench.workload import EngineWorkload, engine_workload  # noqa: E402
 
 SYSTEMS = ("splitserve", "hf_cb", "hf_generate")
+GUIDE_SCHEMA = {"type": "object", "properties": {"entities": {"type": "array", "items": {
+    "type": "object", "properties": {"name": {"type": "string"}, "type": {"type": "string"}},
+    "required": ["name", "type"]}}}, "required": ["entities"]}
 BLOCK_SIZE = 16
 MAX_BATCH_TOKENS = 2048
 
@@ -65,18 +78,24 @@ def _result(system: str, wall: float, latencies: list[float], tokens: list[list[
                         token_ids=tokens)
 
 
-def run_splitserve(model: Path, workload: EngineWorkload, device: str, dtype: str) -> SystemResult:
+def run_splitserve(model: Path, workload: EngineWorkload, device: str, dtype: str,
+                   constraint: object = None, tokenizer: object = None, name: str = "splitserve") -> SystemResult:
+    """``constraint`` (a ``structured.Constraint``) goes on every request,
+    masks built from ``tokenizer`` (compiled in the warm-up, not timed)."""
     from splitserve.engine import LLM, SamplingParams
 
     llm = LLM(str(model), device=device, dtype=dtype, block_size=BLOCK_SIZE,
               max_model_len=workload.max_seq_len + BLOCK_SIZE, max_num_batched_tokens=MAX_BATCH_TOKENS)
     core = llm.engine_core
-    warm = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
+    if tokenizer is not None:
+        core.structured.offer_tokenizer(tokenizer)
+    warm = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True, constraint=constraint)
     llm.generate([{"prompt_token_ids": list(r.prompt_token_ids[:64])} for r in workload.requests[:4]], warm)
     start = time.perf_counter()
     for r in workload.requests:
         core.add_request(r.request_id, r.prompt_token_ids,
-                         SamplingParams(temperature=0.0, max_tokens=r.max_tokens, ignore_eos=True))
+                         SamplingParams(temperature=0.0, max_tokens=r.max_tokens, ignore_eos=True,
+                                        constraint=constraint))
     tokens: dict[str, list[int]] = {r.request_id: [] for r in workload.requests}
     finished: dict[str, float] = {}
     while core.has_unfinished_requests():
@@ -87,7 +106,36 @@ def run_splitserve(model: Path, workload: EngineWorkload, device: str, dtype: st
     wall = time.perf_counter() - start
     core.check_no_leaks()
     ids = [r.request_id for r in workload.requests]
-    return _result("splitserve", wall, [finished[i] for i in ids], [tokens[i] for i in ids])
+    return _result(name, wall, [finished[i] for i in ids], [tokens[i] for i in ids])
+
+
+def run_constraint_cost(model: Path, workload: EngineWorkload, device: str, dtype: str,
+                        rounds: int) -> tuple[list[SystemResult], dict[str, object]]:
+    """No constraint, then the guide's schema on every request, ``rounds``
+    times; returns the runs and a summary (median tok/s of each, slowdown)."""
+    from bench.bpe_tokenizer import byte_level_tokenizer
+    from splitserve.engine.structured import Constraint
+
+    tokenizer = byte_level_tokenizer(LLAMA_56M.vocab_size)
+    constraint = Constraint.json_schema(GUIDE_SCHEMA)
+    results: list[SystemResult] = []
+    runs = (("none", None), ("json", constraint))
+    for round_ in range(rounds):
+        # none, json, json, none, ...: neither side always runs first (the first
+        # LLM of a process pays one-time costs).
+        for label, c in runs if round_ % 2 == 0 else runs[::-1]:
+            print(f"round {round_ + 1}: splitserve, constraint {label} ...", flush=True)
+            results.append(run_splitserve(model, workload, device, dtype, c, tokenizer, f"splitserve/{label}"))
+    if any(len(t) < r.max_tokens for res in results if res.system.endswith("json")
+           for t, r in zip(res.token_ids, workload.requests)):
+        print("note: some constrained requests completed their JSON before max_tokens", flush=True)
+    none = statistics.median(r.output_tokens_per_s for r in results if r.system.endswith("none"))
+    json_ = statistics.median(r.output_tokens_per_s for r in results if r.system.endswith("json"))
+    summary = {"schema": GUIDE_SCHEMA, "rounds": rounds, "median_tok_s_none": none, "median_tok_s_json": json_,
+               "slowdown": 1 - json_ / none if none else None, "target_slowdown": 0.10}
+    print(f"JSON schema on every request: {json_:.1f} vs {none:.1f} out tok/s unconstrained "
+          f"(median of {rounds}): {100 * (1 - json_ / none):+.1f}% slower (target <= 10%)")
+    return results, summary
 
 
 def _hf_model(model: Path, device: str, dtype: str):
@@ -180,6 +228,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="also run vLLM's CPU build on the same workload (bench/peers/engine_peer.py); "
                              "--dtype float32|bfloat16|both, --threads 1|2")
     parser.add_argument("--threads", type=int, choices=(1, 2), default=2, help="cores for --peer runs")
+    parser.add_argument("--constraint", choices=("none", "json"), default="none",
+                        help="json: splitserve with and without a JSON schema on every request, in one run")
+    parser.add_argument("--rounds", type=int, default=2, help="--constraint json: rounds of both (default 2)")
     args = parser.parse_args(argv)
     if args.peer:
         from bench.peers.engine_peer import main_peer
@@ -202,7 +253,10 @@ def main(argv: list[str] | None = None) -> int:
           f"tokens, {workload.max_tokens} output tokens each", flush=True)
 
     results: list[SystemResult] = []
-    for system in systems:
+    constraint_summary: dict[str, object] | None = None
+    if args.constraint == "json":
+        results, constraint_summary = run_constraint_cost(model, workload, device, dtype, max(1, args.rounds))
+    for system in systems if constraint_summary is None else ():
         print(f"running {system} ...", flush=True)
         results.append(RUNNERS[system](model, workload, device, dtype))
     reference = next((r for r in results if r.system == "splitserve"), None)
@@ -210,11 +264,11 @@ def main(argv: list[str] | None = None) -> int:
         if reference is not None and r is not reference:
             r.agree_with_splitserve = _agreement(reference.token_ids, r.token_ids)
 
-    header = f"{'system':<12} {'wall s':>8} {'out tok/s':>10} {'p50 lat s':>10} {'p90 lat s':>10} " \
+    header = f"{'system':<16} {'wall s':>8} {'out tok/s':>10} {'p50 lat s':>10} {'p90 lat s':>10} " \
              f"{'max lat s':>10} {'errors':>6} {'= ours':>7}"
     print(header)
     for r in results:
-        print(f"{r.system:<12} {r.wall_s:>8.2f} {r.output_tokens_per_s:>10.1f} {r.latency_p50_s:>10.2f} "
+        print(f"{r.system:<16} {r.wall_s:>8.2f} {r.output_tokens_per_s:>10.1f} {r.latency_p50_s:>10.2f} "
               f"{r.latency_p90_s:>10.2f} {r.latency_max_s:>10.2f} {r.errors:>6} {r.agree_with_splitserve:>7}")
     if args.json:
         data = {
@@ -227,6 +281,9 @@ def main(argv: list[str] | None = None) -> int:
             "baselines": "transformers generate_batch (continuous batching) and batched generate",
             "results": [{k: v for k, v in asdict(r).items() if k != "token_ids"} for r in results],
         }
+        if constraint_summary is not None:
+            data["baselines"] = "splitserve without a constraint, same process, alternating"
+            data["constraint"] = constraint_summary
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(data, indent=2) + "\n")
         print(f"wrote {args.json}")

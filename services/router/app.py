@@ -144,7 +144,8 @@ async def _parse(request: Request, model: type[BaseModel], limit: int) -> Any:
     raw = b"".join(chunks)
     try:
         data = json.loads(raw, parse_constant=_refuse_constant)
-        json.dumps(data, ensure_ascii=False).encode()  # lone surrogates ("\\ud800") cannot be UTF-8
+        if b"\\ud" in raw or b"\\uD" in raw:  # only an escape can make a lone surrogate
+            json.dumps(data, ensure_ascii=False).encode()  # lone surrogates ("\\ud800") cannot be UTF-8
     except (UnicodeError, json.JSONDecodeError, ValueError) as exc:
         raise bad_request(f"the request body is not valid JSON: {exc}") from None
     except RecursionError:

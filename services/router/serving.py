@@ -116,7 +116,8 @@ class OpenAIServing:
                     bodies.append(fmt.chat_choice(index, text, choice.finish_reason, lp))
                     continue
                 parsed = parse_output(inp.tool_plan, text)
-                finish = ("tool_calls" if parsed.tool_calls and inp.tool_plan.mode != "named"
+                # As vLLM: "tool_calls" only when the auto parser found calls.
+                finish = ("tool_calls" if parsed.tool_calls and inp.tool_plan.mode == "auto"
                           else choice.finish_reason)
                 bodies.append(fmt.chat_choice(index, parsed.content, finish, lp, parsed.tool_calls))
             else:
@@ -132,11 +133,12 @@ class OpenAIServing:
     def _cached_tokens(self, inp: GenerationInput, per_choice: list[int]) -> int | None:
         """Prompt tokens served from a prefix cache, summed over prompts (each
         prompt counted once: the most any of its choices found), when
-        ``enable_prompt_tokens_details``; else None."""
+        ``enable_prompt_tokens_details`` and there are some (as vLLM, which
+        leaves ``prompt_tokens_details`` out at 0); else None."""
         if not self.settings.enable_prompt_tokens_details:
             return None
         n = inp.sampling_params.n
-        return sum(max(per_choice[i:i + n]) for i in range(0, len(per_choice), n))
+        return sum(max(per_choice[i:i + n]) for i in range(0, len(per_choice), n)) or None
 
     async def generate_stream(self, inp: GenerationInput) -> AsyncIterator[str]:
         """Yield server-sent events (``data: ...\\n\\n``) ending with ``[DONE]``.

@@ -158,7 +158,8 @@ class ToolCallStream:
     """One streamed chat choice under a tool plan: text in, delta bodies out.
 
     ``feed`` returns the delta to send (None: nothing yet) and the finish
-    reason to report instead of the engine's (None: keep it). Named: the
+    reason to report instead of the engine's (None: keep it; as vLLM, only
+    calls found by the auto parser finish with "tool_calls"). Named: the
     text streams as the call's ``arguments`` (as vLLM). Required: the calls
     are sent whole when the choice ends. Auto: content streams until a
     ``<tool_call>`` may begin; the calls are sent when the choice ends.
@@ -187,7 +188,7 @@ class ToolCallStream:
         rest = (parsed.content or "")[self._sent:]
         if rest:
             delta["content"] = rest
-        return delta, "tool_calls"
+        return delta, "tool_calls" if self.plan.mode == "auto" else None
 
     def _named(self, text: str, finished: bool) -> dict[str, Any] | None:
         if not text:

@@ -106,7 +106,7 @@ def test_surface_tools_echo_cached_tokens_tokenize_models(cluster: tuple[str, Lo
             "temperature": 0, "max_tokens": 200})
         assert r.status_code == 200, r.text
         choice = r.json()["choices"][0]
-        assert choice["finish_reason"] == "tool_calls", choice
+        assert choice["finish_reason"] == "stop" and choice["message"]["tool_calls"], choice
         for call in choice["message"]["tool_calls"]:
             assert call["function"]["name"] == "lookup"
             jsonschema.validate(json.loads(call["function"]["arguments"]), tool["function"]["parameters"])

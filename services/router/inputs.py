@@ -218,6 +218,9 @@ def tokenize(request: TokenizeRequest, tokenizer: ChatTokenizer, settings: Route
     if (request.prompt is None) == (request.messages is None):
         raise bad_request("send exactly one of prompt and messages", "prompt")
     if request.messages is not None:
+        if request.continue_final_message and request.add_generation_prompt:
+            raise bad_request("cannot set both continue_final_message and add_generation_prompt to true",
+                              "continue_final_message")
         kwargs: dict[str, Any] = {"add_generation_prompt": request.add_generation_prompt,
                                   "continue_final_message": request.continue_final_message}
         if request.tools:

@@ -194,6 +194,8 @@ async def test_tokenize_and_detokenize_as_vllm() -> None:
         assert r.json() == {"prompt": text}
         for path, body, param in (("/tokenize", {"model": "nope", "prompt": "x"}, "model"),
                                   ("/tokenize", {"prompt": "x", "messages": messages}, "prompt"),
+                                  ("/tokenize", {"messages": messages, "continue_final_message": True},
+                                   "continue_final_message"),
                                   ("/detokenize", {"tokens": [10**7]}, "tokens")):
             r = await client.post(path, json=body)
             assert r.status_code in (400, 404) and r.json()["error"]["param"] == param, r.text

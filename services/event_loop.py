@@ -1,4 +1,5 @@
-"""The event loop every long-running splitserve process runs on.
+"""The event loop every long-running splitserve process (router, pods, sim
+fleets) runs on.
 
 uvloop (libuv) when it is installed and not switched off with
 ``SPLITSERVE_EVENT_LOOP=asyncio``: on the router's per-request path (HTTP

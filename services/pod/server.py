@@ -10,6 +10,7 @@ import sys
 
 import grpc
 
+from splitserve import event_loop
 from splitserve.engine.async_engine import AsyncEngine
 from splitserve.engine.engine_args import EngineArgs
 from splitserve.grpc_tls import add_port
@@ -116,4 +117,4 @@ def _tls_note(config: PodConfig) -> str:
 def serve(config: PodConfig, engine_args: EngineArgs) -> int:
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    return asyncio.run(PodServer(config, engine_args).run())
+    return event_loop.run(PodServer(config, engine_args).run())

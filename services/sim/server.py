@@ -8,6 +8,7 @@ import resource
 import signal
 import sys
 
+from splitserve import event_loop
 from splitserve.http_server import EmbeddedHTTPServer
 from splitserve.sim.config import SimConfig
 from splitserve.sim.control_http import create_control_app
@@ -62,4 +63,4 @@ async def run_fleet(config: SimConfig, stop: asyncio.Event | None = None) -> int
 def serve_fleet(config: SimConfig) -> int:
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    return asyncio.run(run_fleet(config))
+    return event_loop.run(run_fleet(config))

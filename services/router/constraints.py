@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import replace
-from typing import Any
+from typing import Any, TypeVar
 
 from splitserve.engine.errors import InvalidRequestError
 from splitserve.engine.structured import Constraint, compile_check
 from splitserve.router.errors import bad_request
+
+T = TypeVar("T")
 
 # structured_outputs fields that qualify a constraint rather than being one.
 _OPTIONS = ("disable_any_whitespace", "disable_additional_properties", "whitespace_pattern", "disable_fallback")
@@ -29,19 +32,13 @@ def request_constraint(response_format: dict[str, Any] | None, structured_output
     options = {k: v for k, v in (structured_outputs or {}).items() if k in _OPTIONS and v is not None}
     own_kind = bool(structured_outputs) and any(k not in _OPTIONS for k in structured_outputs or {})
     found: list[tuple[Constraint, str]] = []
-    try:
-        from_format = Constraint.from_response_format(response_format)
-    except InvalidRequestError as exc:
-        raise bad_request(str(exc), "response_format") from None
+    from_format = _as_400("response_format", Constraint.from_response_format, response_format)
     if from_format is not None:
         found.append((from_format, "response_format"))
     if tool_schema is not None:
-        found.append((Constraint.json_schema(tool_schema), "tool_choice"))
+        found.append((_as_400("tools", Constraint.json_schema, tool_schema), "tool_choice"))
     if own_kind or (structured_outputs and not found):
-        try:
-            constraint = Constraint.from_structured_outputs(structured_outputs)
-        except InvalidRequestError as exc:
-            raise bad_request(str(exc), "structured_outputs") from None
+        constraint = _as_400("structured_outputs", Constraint.from_structured_outputs, structured_outputs)
         if constraint is not None:
             found.append((constraint, "structured_outputs"))
     if len(found) > 1:
@@ -51,11 +48,17 @@ def request_constraint(response_format: dict[str, Any] | None, structured_output
         return None, None
     constraint, param = found[0]
     if param != "structured_outputs" and options:
-        try:
-            constraint = replace(constraint, **{k: v for k, v in options.items() if k != "disable_fallback"})
-        except InvalidRequestError as exc:
-            raise bad_request(str(exc), "structured_outputs") from None
+        extra = {k: v for k, v in options.items() if k != "disable_fallback"}
+        constraint = _as_400("structured_outputs", replace, constraint, **extra)
     return constraint, param
+
+
+def _as_400(param: str, build: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """``build(*args, **kwargs)``, its ``InvalidRequestError`` a 400 naming ``param``."""
+    try:
+        return build(*args, **kwargs)
+    except InvalidRequestError as exc:
+        raise bad_request(str(exc), param) from None
 
 
 class ConstraintChecker:

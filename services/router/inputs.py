@@ -95,7 +95,7 @@ def chat_input(request: ChatCompletionRequest, tokenizer: ChatTokenizer,
     max_tokens = request.max_completion_tokens if request.max_completion_tokens is not None else request.max_tokens
     conversation = [_message_dict(m) for m in request.messages]
     template_kwargs: dict[str, Any] = {}
-    if request.tools and request.tool_choice != "none":
+    if request.tools:  # as vLLM (default): the template sees the tools under "none" too
         template_kwargs["tools"] = [t.model_dump(exclude_none=True) for t in request.tools]
     try:
         text = tokenizer.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False,

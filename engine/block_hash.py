@@ -67,8 +67,21 @@ def hash_prompt_blocks(
     if parent_hash is not None and salt is not None:
         raise ValueError("pass either salt (new chain) or parent_hash (continued chain)")
     parent = root_hash(salt) if parent_hash is None else parent_hash
+    if len(parent) != BLOCK_HASH_BYTES:
+        raise ValueError(f"parent hash must be {BLOCK_HASH_BYTES} bytes, got {len(parent)}")
+    num_full = len(token_ids) // block_size * block_size
+    # One pack for the whole prompt, then one SHA-256 per block over a slice
+    # of it: the same bytes as hash_block, block by block, at a third of the cost.
+    try:
+        encoded = memoryview(struct.pack(f"<{num_full}I", *token_ids[:num_full]))
+    except struct.error as exc:
+        raise ValueError(f"token ids must be integers in [0, {MAX_TOKEN_ID}]: {exc}") from None
+    step = block_size * 4
+    sha256 = hashlib.sha256
     hashes: list[BlockHash] = []
-    for start in range(0, len(token_ids) - block_size + 1, block_size):
-        parent = hash_block(parent, token_ids[start : start + block_size])
+    for offset in range(0, num_full * 4, step):
+        h = sha256(parent)
+        h.update(encoded[offset:offset + step])
+        parent = h.digest()
         hashes.append(parent)
     return hashes

@@ -209,6 +209,14 @@ def wait_router_ready(up: UpProcess, port: int | None = None, timeout: float = 9
     wait_until(ready, timeout, f"the router to see {want} ready", poll_s=0.1)
 
 
+def wait_replaced(up: UpProcess, victim: dict, timeout: float = 90.0) -> None:
+    """Until ``splitserve up`` has reaped the killed pod ``victim`` and its
+    replacement is ready in the router (right after a kill both may still
+    list the dead pod as ready)."""
+    wait_until(lambda: victim["name"] not in {p["name"] for p in pods_of(up)}, 30, f"{victim['name']} reaped", 0.1)
+    wait_router_ready(up, timeout=timeout)
+
+
 def router_counter(port: int, name: str, **labels: str) -> float:
     samples = metric_values(port, name)
     return sum(v for k, v in samples.items() if all(f'{lk}="{lv}"' in k for lk, lv in labels.items()))
@@ -223,15 +231,18 @@ def load_of(pod: dict):  # -> LoadSnapshot
     return asyncio.run(pod_load(pod["address"]))
 
 
-def busiest(pods: Sequence[dict], timeout: float = 30.0) -> dict:
-    """The pod of ``pods`` with the most running sequences (its /metrics), once one runs any."""
+def busiest(pods: Sequence[dict], streams: Streams, timeout: float = 30.0) -> dict:
+    """The pod of ``pods`` with the most running sequences (its /metrics),
+    once all of ``streams`` run on them together (past the KV handoff)."""
     deadline = time.monotonic() + timeout
     while True:
         running = [(router_counter(p["http_port"], "splitserve:num_requests_running"), p) for p in pods]
         count, pod = max(running, key=lambda r: r[0])
-        if count > 0:
+        if sum(r[0] for r in running) >= len(streams.specs):
             return pod
-        assert time.monotonic() < deadline, "no pod ran a stream"
+        assert time.monotonic() < deadline and streams.outcomes is None, (
+            f"the streams never ran at once: running {[r[0] for r in running]}, chunks {streams.progress}, "
+            f"outcomes {streams.outcomes and [(o.error, len(o.tokens)) for o in streams.outcomes]}")
         time.sleep(0.01)
 
 

@@ -102,6 +102,9 @@ class EngineCore:
         first token and holds the blocks for a decoder. A constrained request
         gets a matcher that has replayed ``output_token_ids`` (its grammar is
         compiled here unless ``structured.prepare`` did it already).
+        Prompt logprobs (``SamplingParams.prompt_logprobs``) are computed only
+        where token 0 is sampled, i.e. without ``output_token_ids``: whoever
+        continues a request elsewhere got them with token 0 already.
         """
         params = sampling_params if sampling_params is not None else SamplingParams()
         if params.n != 1:
@@ -124,6 +127,8 @@ class EngineCore:
             request.arrival_time = arrival_time
         request.token_ids.extend(output_token_ids)
         request.matcher = matcher
+        if params.prompt_logprobs is not None and not output_token_ids:
+            request.prompt_logprobs = []
         self.scheduler.add_request(request)
         self._prompt_tokens_total += request.num_prompt_tokens
         return request

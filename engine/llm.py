@@ -11,6 +11,7 @@ from splitserve.engine.engine_args import EngineArgs
 from splitserve.engine.engine_core import EngineCore
 from splitserve.engine.errors import InvalidRequestError
 from splitserve.engine.outputs import CompletionOutput, RequestOutput
+from splitserve.engine.request import TokenLogprobs
 from splitserve.engine.sampling_params import SamplingParams
 
 PromptType = Union[str, dict[str, Any]]
@@ -82,12 +83,13 @@ class LLM:
         try:
             for prompt, params in zip(prompt_list, params_list):
                 results.append(self._add(prompt, params, children))
-            self._run(children)
+            prompt_logprobs = self._run(children)
         except BaseException:
             for child_id in children:
                 self.engine_core.abort_request(child_id)
             raise
         for result in results:
+            result.prompt_logprobs = prompt_logprobs.get(f"{result.request_id}-0")
             for completion in result.outputs:
                 params = children[f"{result.request_id}-{completion.index}"][1]
                 completion.text = self._decode(completion.token_ids, params)
@@ -115,7 +117,10 @@ class LLM:
             result.outputs.append(completion)
         return result
 
-    def _run(self, children: dict[str, tuple[CompletionOutput, SamplingParams]]) -> None:
+    def _run(self, children: dict[str, tuple[CompletionOutput, SamplingParams]],
+             ) -> dict[str, list[TokenLogprobs | None]]:
+        """Step until every child finished; returns the prompt logprobs by child id."""
+        prompt_logprobs: dict[str, list[TokenLogprobs | None]] = {}
         pending = set(children)
         while pending:
             for out in self.engine_core.step():
@@ -123,6 +128,8 @@ class LLM:
                 if entry is None:
                     continue
                 completion = entry[0]
+                if out.prompt_logprobs is not None:
+                    prompt_logprobs[out.request_id] = out.prompt_logprobs
                 completion.token_ids.extend(out.new_token_ids)
                 if completion.logprobs is not None:
                     completion.logprobs.extend(out.new_logprobs)
@@ -132,6 +139,7 @@ class LLM:
                     pending.discard(out.request_id)
             if pending and not self.engine_core.has_unfinished_requests():
                 raise RuntimeError(f"engine went idle with {len(pending)} request(s) unfinished")
+        return prompt_logprobs
 
     def _tokenize(self, prompt: PromptType) -> tuple[str | None, list[int]]:
         if isinstance(prompt, str):

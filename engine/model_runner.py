@@ -16,13 +16,16 @@ from splitserve.engine.kv_cache import KVCacheSpec, allocate_kv_cache, determine
 from splitserve.engine.model_config import ModelConfig, resolve_dtype
 from splitserve.engine.models.llama import LlamaForCausalLM
 from splitserve.engine.projection import can_pack_linears
-from splitserve.engine.sampler import Sampler, build_sampling_metadata
+from splitserve.engine.request import TokenLogprobs
+from splitserve.engine.sampler import Sampler, build_sampling_metadata, token_logprobs
 from splitserve.engine.step_io import ModelRunnerOutput, SchedulerOutput
 from splitserve.engine.structured.bitmask import BitmaskFiller, PendingBitmask
 from splitserve.engine.tokenizer import eos_token_ids
 from splitserve.engine.weights import build_model, load_weights
 
 logger = logging.getLogger(__name__)
+
+_PROMPT_LOGPROBS_ROWS = 512
 
 
 @dataclass(frozen=True)
@@ -42,6 +45,9 @@ class ModelRunner:
     ``execute`` is called by the engine core once per step, on one thread.
     Constrained requests (``Request.matcher``) get their token masks filled
     while the forward runs (``masks``) and applied before sampling.
+    Requests computing prompt logprobs (``Request.prompt_logprobs``) get
+    logits for their chunk's prompt rows too; the others only for the rows
+    they sample from.
     """
 
     supports_constraints = True
@@ -133,8 +139,9 @@ class ModelRunner:
             if pending is not None:
                 pending.wait_quietly()  # the matchers must be idle before anyone touches them again
             raise
+        prompt_logprobs = self._prompt_logprobs(so, hidden)
         if not sampling:
-            return ModelRunnerOutput()
+            return ModelRunnerOutput(prompt_logprobs=prompt_logprobs)
         logits = self.model.compute_logits(hidden[inputs.sample_rows])
         bitmask = pending.result() if pending is not None else None
         metadata = build_sampling_metadata(sampling, self.vocab_size, self.device, bitmask)
@@ -143,7 +150,43 @@ class ModelRunner:
             request_ids=[r.request_id for r in sampling],
             sampled_token_ids=result.token_ids,
             logprobs=result.logprobs,
+            prompt_logprobs=prompt_logprobs,
         )
+
+    def _prompt_logprobs(self, so: SchedulerOutput, hidden: torch.Tensor) -> dict[str, list[TokenLogprobs]]:
+        """Logprob, rank and top-k of each prompt token whose preceding
+        position this step computed, for requests still missing some."""
+        rows: list[int] = []
+        targets: list[int] = []
+        ks: list[int] = []
+        owners: list[tuple[str, int]] = []
+        offset = 0
+        for r, count in zip(so.requests, so.num_scheduled_tokens):
+            if r.num_prompt_logprobs_missing > 0:
+                # Position p's logits give the logprob of prompt token p + 1.
+                first = max(r.num_computed_tokens, len(r.prompt_logprobs or ()))
+                last = min(r.num_computed_tokens + count, r.num_prompt_tokens - 1)
+                if last > first:
+                    rows.extend(range(offset + first - r.num_computed_tokens, offset + last - r.num_computed_tokens))
+                    targets.extend(r.token_ids[first + 1:last + 1])
+                    ks.extend([r.sampling_params.prompt_logprobs or 0] * (last - first))
+                    owners.append((r.request_id, last - first))
+            offset += count
+        if not rows:
+            return {}
+        entries: list[TokenLogprobs | None] = []
+        for start in range(0, len(rows), _PROMPT_LOGPROBS_ROWS):
+            # Slices bound the [rows, vocab] fp32 temporaries of a long chunk.
+            index = torch.tensor(rows[start:start + _PROMPT_LOGPROBS_ROWS], device=self.device)
+            raw = torch.log_softmax(self.model.compute_logits(hidden[index]).float(), dim=-1)
+            target = torch.tensor(targets[start:start + _PROMPT_LOGPROBS_ROWS], device=self.device)
+            entries.extend(token_logprobs(raw, target, ks[start:start + _PROMPT_LOGPROBS_ROWS]))
+        out: dict[str, list[TokenLogprobs]] = {}
+        cursor = 0
+        for request_id, n in owners:
+            out[request_id] = [e for e in entries[cursor:cursor + n] if e is not None]
+            cursor += n
+        return out
 
 
 def resolve_device(name: str) -> torch.device:

@@ -18,6 +18,9 @@ class EngineOutput:
     whose blocks are named in ``held_block_ids`` and stay pinned until
     ``release_held_blocks``. ``remote_kv_load`` tells the caller which blocks
     to fill by a KV pull before calling ``finish_remote_kv``.
+    ``prompt_logprobs`` rides on the output of token 0 of a request that
+    asked for them and computed its prompt here: ``None`` for the first
+    prompt token (nothing precedes it), then one entry per prompt token.
     """
 
     request_id: str
@@ -31,6 +34,7 @@ class EngineOutput:
     held_block_ids: tuple[int, ...] | None = None
     num_held_tokens: int = 0
     remote_kv_load: RemoteKVLoad | None = None
+    prompt_logprobs: list[TokenLogprobs | None] | None = None
 
 
 @dataclass(frozen=True)
@@ -93,6 +97,7 @@ class RequestOutput:
     prompt_token_ids: list[int]
     outputs: list[CompletionOutput]
     num_cached_tokens: int = 0
+    prompt_logprobs: list[TokenLogprobs | None] | None = None
 
     @property
     def finished(self) -> bool:

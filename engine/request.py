@@ -77,6 +77,10 @@ class Request:
     ``matcher`` that has consumed exactly its output tokens: the engine core
     builds it at arrival (replaying output tokens made elsewhere) and
     ``append_output_token`` advances it; it is dropped when the request ends.
+
+    ``prompt_logprobs`` is None unless this engine computes the request's
+    prompt logprobs (asked for, and token 0 is sampled here); it then holds
+    one entry per prompt token from the second on, appended chunk by chunk.
     """
 
     request_id: str
@@ -102,6 +106,7 @@ class Request:
     block_hashes: list[BlockHash] = field(default_factory=list)
     num_committed_blocks: int = 0
     matcher: RequestMatcher | None = field(default=None, repr=False)
+    prompt_logprobs: list[TokenLogprobs] | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         self.prompt_token_ids = list(self.prompt_token_ids)
@@ -126,6 +131,13 @@ class Request:
     @property
     def is_finished(self) -> bool:
         return self.status.is_finished
+
+    @property
+    def num_prompt_logprobs_missing(self) -> int:
+        """Prompt logprobs still to compute (0 when none are computed here)."""
+        if self.prompt_logprobs is None:
+            return 0
+        return self.num_prompt_tokens - 1 - len(self.prompt_logprobs)
 
     def append_output_token(self, token_id: int, logprobs: TokenLogprobs | None = None) -> None:
         self.token_ids.append(token_id)

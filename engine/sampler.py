@@ -151,7 +151,7 @@ class Sampler:
         token_list = tokens.tolist()
         logprobs: list[TokenLogprobs | None] = [None] * len(token_list)
         if raw_logprobs is not None:
-            logprobs = _token_logprobs(raw_logprobs, tokens, metadata.num_logprobs)
+            logprobs = token_logprobs(raw_logprobs, tokens, metadata.num_logprobs)
         return SamplerOutput(token_list, logprobs)
 
     @staticmethod
@@ -194,8 +194,10 @@ def apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor | None,
     return torch.empty_like(logits).scatter_(1, order, sorted_logits)
 
 
-def _token_logprobs(raw: torch.Tensor, tokens: torch.Tensor,
-                    num_logprobs: tuple[int | None, ...]) -> list[TokenLogprobs | None]:
+def token_logprobs(raw: torch.Tensor, tokens: torch.Tensor,
+                   num_logprobs: Sequence[int | None]) -> list[TokenLogprobs | None]:
+    """Row ``i``'s logprob of ``tokens[i]`` under ``raw`` [N, V] (logprobs),
+    its rank and the top ``num_logprobs[i]`` alternatives (None: no entry)."""
     chosen = raw.gather(1, tokens[:, None])
     ranks = (raw > chosen).sum(dim=-1) + 1
     k = max(n or 0 for n in num_logprobs)

@@ -24,6 +24,10 @@ class SamplingParams:
     (0 returns only the sampled token's logprob; ``None`` returns nothing).
     Logprobs are computed from the raw model distribution, as vLLM does
     (under a ``constraint``: after its mask, as vLLM's).
+    ``prompt_logprobs`` asks, like vLLM's, for each prompt token after the
+    first its logprob given the tokens before it, its rank and that many top
+    alternatives (raw distribution); the engine that computes the prompt
+    returns them with the first output token (``EngineOutput.prompt_logprobs``).
     ``constraint`` (structured outputs) restricts the output to a JSON
     schema, regex, choice or grammar: each token is sampled among those that
     keep the text a valid prefix, eos only once it is complete, and the
@@ -45,6 +49,7 @@ class SamplingParams:
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
     logprobs: int | None = None
+    prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
     constraint: Constraint | None = None
 
@@ -110,6 +115,11 @@ class SamplingParams:
             _check(
                 isinstance(self.logprobs, int) and 0 <= self.logprobs <= self.MAX_LOGPROBS,
                 f"logprobs must be an integer in [0, {self.MAX_LOGPROBS}], got {self.logprobs!r}",
+            )
+        if self.prompt_logprobs is not None:
+            _check(
+                isinstance(self.prompt_logprobs, int) and 0 <= self.prompt_logprobs <= self.MAX_LOGPROBS,
+                f"prompt_logprobs must be an integer in [0, {self.MAX_LOGPROBS}], got {self.prompt_logprobs!r}",
             )
         _check(self.constraint is None or isinstance(self.constraint, Constraint),
                f"constraint must be a structured.Constraint, got {type(self.constraint).__name__}")

@@ -193,6 +193,9 @@ class Scheduler:
         for request, num_new, samples in zip(out.requests, out.num_scheduled_tokens, out.samples):
             if request.status != RequestStatus.RUNNING:
                 continue
+            new_prompt_logprobs = runner_out.prompt_logprobs.get(request.request_id)
+            if new_prompt_logprobs and request.prompt_logprobs is not None:
+                request.prompt_logprobs.extend(new_prompt_logprobs[:request.num_prompt_logprobs_missing])
             request.num_computed_tokens += num_new
             self._commit_blocks(request)
             if not samples:
@@ -212,6 +215,8 @@ class Scheduler:
                 num_output_tokens=request.num_output_tokens,
                 num_cached_tokens=request.num_cached_tokens,
             )
+            if request.prompt_logprobs is not None and request.num_output_tokens == 1:
+                result.prompt_logprobs = [None, *request.prompt_logprobs]
             if status is not None:
                 self.running.remove(request)
                 self._finish(request, status)
@@ -271,8 +276,14 @@ class Scheduler:
         """Leading cached blocks of ``request``, at most ``num_tokens - 1``
         tokens' worth: the last token is always computed so there are logits
         to sample. Hits are whole blocks, so the block being computed is never
-        a shared cached one being rewritten."""
+        a shared cached one being rewritten.
+
+        A request still missing prompt logprobs gets no hits, as in vLLM:
+        cached positions have no logits, so its whole prompt is computed
+        (its blocks are still committed to the cache for others)."""
         self._extend_hashes(request)
+        if request.num_prompt_logprobs_missing > 0:
+            return []
         max_blocks = (request.num_tokens - 1) // self.block_size
         return self.pool.find_cached_prefix(request.block_hashes, request.token_ids, max_blocks)
 

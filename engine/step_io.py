@@ -62,3 +62,6 @@ class ModelRunnerOutput:
     request_ids: list[str] = field(default_factory=list)
     sampled_token_ids: list[int] = field(default_factory=list)
     logprobs: list[TokenLogprobs | None] = field(default_factory=list)
+    # Per request id, the prompt logprobs this step's chunk produced, in
+    # prompt order, continuing ``Request.prompt_logprobs``.
+    prompt_logprobs: dict[str, list[TokenLogprobs]] = field(default_factory=dict)

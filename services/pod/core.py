@@ -171,7 +171,7 @@ class PodCore:
                     if outcome.aborted or active.abort.is_set():
                         self.engine.abort(request_id)
                 if out.new_token_ids:
-                    yield DecodeChunk(list(out.new_token_ids), list(out.new_logprobs))
+                    yield DecodeChunk(list(out.new_token_ids), list(out.new_logprobs), out.prompt_logprobs)
                 if out.finished:
                     if active.drained and out.finish_reason in (None, "abort"):
                         # Not a finish: the router re-submits prompt + tokens so far elsewhere.

@@ -66,7 +66,8 @@ class KVHandle:
 @dataclass(frozen=True)
 class PrefillResult:
     """First token of a prompt; ``kv_handle`` is None when token 0 ended the
-    request (``finish_reason`` then says why)."""
+    request (``finish_reason`` then says why). ``prompt_logprobs`` as
+    ``EngineOutput.prompt_logprobs`` (None unless asked)."""
 
     first_token_id: int
     first_logprobs: TokenLogprobs | None
@@ -74,12 +75,17 @@ class PrefillResult:
     finish_reason: str | None
     num_prompt_tokens: int
     num_cached_tokens: int
+    prompt_logprobs: list[TokenLogprobs | None] | None = None
 
 
 @dataclass(frozen=True)
 class DecodeChunk:
+    """New tokens; ``prompt_logprobs`` on token 0's chunk when this pod
+    computed them (``EngineOutput.prompt_logprobs``)."""
+
     token_ids: list[int]
     logprobs: list[TokenLogprobs] = field(default_factory=list)
+    prompt_logprobs: list[TokenLogprobs | None] | None = None
 
 
 @dataclass(frozen=True)

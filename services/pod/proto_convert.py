@@ -3,7 +3,7 @@ dataclasses. Servicers and gRPC clients call these and nothing else touches
 protobuf field names."""
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 from splitserve.engine.errors import InvalidRequestError
 from splitserve.engine.request import TokenLogprobs
@@ -39,6 +39,8 @@ def sampling_to_proto(params: SamplingParams) -> pb.SamplingParams:
         message.seed = params.seed
     if params.logprobs is not None:
         message.logprobs = params.logprobs
+    if params.prompt_logprobs is not None:
+        message.prompt_logprobs = params.prompt_logprobs
     if params.constraint is not None:
         message.constraint.CopyFrom(constraint_to_proto(params.constraint))
     return message
@@ -61,6 +63,7 @@ def sampling_from_proto(message: pb.SamplingParams) -> SamplingParams:
         stop_token_ids=list(message.stop_token_ids),
         ignore_eos=message.ignore_eos,
         logprobs=message.logprobs if message.HasField("logprobs") else None,
+        prompt_logprobs=message.prompt_logprobs if message.HasField("prompt_logprobs") else None,
         constraint=constraint_from_proto(message.constraint) if message.HasField("constraint") else None,
     )
 
@@ -125,6 +128,16 @@ def logprobs_from_proto(message: pb.TokenLogprobs) -> TokenLogprobs:
 
 def logprobs_list_from_proto(messages: Iterable[pb.TokenLogprobs]) -> list[TokenLogprobs]:
     return [logprobs_from_proto(m) for m in messages]
+
+
+def prompt_logprobs_to_proto(entries: Sequence[TokenLogprobs | None] | None) -> list[pb.TokenLogprobs]:
+    """Prompt logprobs on the wire: the leading ``None`` (token 0) is implied."""
+    return [logprobs_to_proto(e) for e in entries or () if e is not None]
+
+
+def prompt_logprobs_from_proto(messages: Iterable[pb.TokenLogprobs]) -> tuple[TokenLogprobs | None, ...]:
+    """The engine's shape back: ``None`` for token 0, then one entry per token."""
+    return (None, *logprobs_list_from_proto(messages))
 
 
 def finish_reason_to_proto(reason: str | None) -> int:

@@ -20,7 +20,8 @@ from splitserve.pod.core import PodCore
 from splitserve.pod.messages import DecodeChunk, KVHandle, KVSource, PodError, Role
 from splitserve.proto import splitserve_v1_pb2 as pb
 from splitserve.proto import splitserve_v1_pb2_grpc as pb_grpc
-from splitserve.pod.proto_convert import finish_reason_to_proto, logprobs_to_proto, sampling_from_proto
+from splitserve.pod.proto_convert import (finish_reason_to_proto, logprobs_to_proto, prompt_logprobs_to_proto,
+                                          sampling_from_proto)
 
 logger = logging.getLogger(__name__)
 
@@ -66,7 +67,8 @@ class PodServicer(pb_grpc.EngineServicer):
             await _fail(context, exc)
             raise
         reply = pb.PrefillResponse(first_token_id=r.first_token_id, finish_reason=finish_reason_to_proto(
-            r.finish_reason), num_prompt_tokens=r.num_prompt_tokens, num_cached_tokens=r.num_cached_tokens)
+            r.finish_reason), num_prompt_tokens=r.num_prompt_tokens, num_cached_tokens=r.num_cached_tokens,
+            prompt_logprobs=prompt_logprobs_to_proto(r.prompt_logprobs))
         if r.first_logprobs is not None:
             reply.first_logprobs.CopyFrom(logprobs_to_proto(r.first_logprobs))
         if r.kv_handle is not None:
@@ -82,7 +84,8 @@ class PodServicer(pb_grpc.EngineServicer):
             async for event in events:
                 if isinstance(event, DecodeChunk):
                     yield pb.DecodeResponse(chunk=pb.TokenChunk(
-                        token_ids=event.token_ids, logprobs=[logprobs_to_proto(lp) for lp in event.logprobs]))
+                        token_ids=event.token_ids, logprobs=[logprobs_to_proto(lp) for lp in event.logprobs],
+                        prompt_logprobs=prompt_logprobs_to_proto(event.prompt_logprobs)))
                 else:
                     yield pb.DecodeResponse(finished=pb.Finished(
                         reason=finish_reason_to_proto(event.reason), num_prompt_tokens=event.num_prompt_tokens,

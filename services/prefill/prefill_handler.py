@@ -37,11 +37,13 @@ class PrefillHandler:
             stream = await submit_to_engine(self.engine, request_id, token_ids, sampling,
                                             cache_salt=cache_salt, prefill_only=True)
             tokens, logprobs = [], []
+            prompt_logprobs = None
             handle: KVHandle | None = None
             async for out in stream:
                 timer.on_output(len(out.new_token_ids))
                 tokens += out.new_token_ids
                 logprobs += out.new_logprobs
+                prompt_logprobs = out.prompt_logprobs or prompt_logprobs
                 if not out.finished:
                     continue
                 reason = out.finish_reason
@@ -55,7 +57,7 @@ class PrefillHandler:
                                       deadline)
                 timer.on_finish(reason if reason is not None and handle is None else None)
                 return PrefillResult(tokens[0] if tokens else 0, logprobs[0] if logprobs else None, handle,
-                                     reason, out.num_prompt_tokens, out.num_cached_tokens)
+                                     reason, out.num_prompt_tokens, out.num_cached_tokens, prompt_logprobs)
             raise unavailable(f"the engine ended request {request_id!r} without a result; retry elsewhere")
         finally:
             if stream is not None:

@@ -47,6 +47,9 @@ class TokenChunk:
     (the router leaves it out of the text). ``num_prompt_tokens`` and
     ``num_cached_tokens`` (prompt tokens served from a prefix cache) repeat on
     every chunk so a consumer may read them from whichever it sees.
+    ``prompt_logprobs`` (asked by ``sampling_params.prompt_logprobs``) rides
+    on the first chunk only: ``None`` for prompt token 0, then one entry per
+    prompt token.
     """
 
     token_ids: tuple[int, ...]
@@ -54,6 +57,7 @@ class TokenChunk:
     logprobs: tuple[TokenLogprobs, ...] | None = None
     finish_reason: str | None = None
     num_cached_tokens: int = 0
+    prompt_logprobs: tuple[TokenLogprobs | None, ...] | None = None
 
 
 class BackendError(RuntimeError):

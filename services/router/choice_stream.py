@@ -20,6 +20,7 @@ class ChoiceDelta:
     ``token_ids`` and ``logprobs`` are the backend's new tokens (counted in
     usage even when a stop string hides their text); ``text`` is the new text
     safe to show; ``finish_reason`` is set on the choice's last delta.
+    ``prompt_logprobs`` (when asked) comes on the choice's first delta.
     """
 
     index: int
@@ -29,6 +30,7 @@ class ChoiceDelta:
     finish_reason: str | None
     num_prompt_tokens: int
     num_cached_tokens: int = 0
+    prompt_logprobs: tuple[TokenLogprobs | None, ...] | None = None
 
 
 async def stream_choice(backend: GenerationBackend, request: BackendRequest, index: int,
@@ -63,7 +65,8 @@ async def stream_choice(backend: GenerationBackend, request: BackendRequest, ind
             yield ChoiceDelta(index=index, text=text, token_ids=chunk.token_ids,
                               logprobs=chunk.logprobs, finish_reason=finish,
                               num_prompt_tokens=chunk.num_prompt_tokens,
-                              num_cached_tokens=chunk.num_cached_tokens)
+                              num_cached_tokens=chunk.num_cached_tokens,
+                              prompt_logprobs=chunk.prompt_logprobs)
             if finish is not None:
                 return
 

@@ -18,7 +18,9 @@ class FakeBackend:
 
     Honours ``max_tokens`` ("length"), ``stop_token_ids`` and ``eos_token_id``
     (unless ``ignore_eos``; both after ``min_tokens``), ``logprobs`` (synthetic
-    values: the sampled token is rank 1 at ``-0.5``, alternatives follow).
+    values: the sampled token is rank 1 at ``-0.5``, alternatives follow),
+    ``prompt_logprobs`` on the first chunk (synthetic: prompt token ``i`` at
+    ``-1.0 - i``, rank 2 after ``(token + 1) % vocab``).
     ``tokens_per_chunk`` groups tokens; ``token_delay_s`` sleeps before each
     chunk; ``fail_after`` raises ``BackendError`` after that many tokens.
 
@@ -89,6 +91,8 @@ class FakeBackend:
                     logprobs=self._logprobs(batch, params.logprobs),
                     finish_reason=finish,
                     num_cached_tokens=self.num_cached_tokens,
+                    prompt_logprobs=(self._prompt_logprobs(request.prompt_token_ids, params.prompt_logprobs)
+                                     if emitted == len(batch) else None),
                 )
         finally:  # runs once the consumer exhausts or closes the stream, never while it hangs open
             (self.finished if done else self.cancelled).append(request.request_id)
@@ -104,4 +108,14 @@ class FakeBackend:
                 top_token_ids=tuple(alts),
                 top_logprobs=tuple(-0.5 - j for j in range(k)),
             ))
+        return tuple(out)
+
+    def _prompt_logprobs(self, prompt: Sequence[int], k: int | None) -> tuple[TokenLogprobs | None, ...] | None:
+        if k is None:
+            return None
+        out: list[TokenLogprobs | None] = [None]
+        for i, token in enumerate(prompt[1:], start=1):
+            alts = [(token + 1 + j) % self.vocab_size for j in range(k)]
+            out.append(TokenLogprobs(token_id=token, logprob=-1.0 - i, rank=2, top_token_ids=tuple(alts),
+                                     top_logprobs=tuple(-0.25 - j for j in range(k))))
         return tuple(out)

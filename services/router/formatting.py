@@ -5,6 +5,9 @@ Logprob token strings follow vLLM: each token decoded on its own
 the UTF-8 of that string. Chat ``top_logprobs`` lists the top-k alternatives in
 rank order; completions ``top_logprobs`` maps the sampled token and the top-k
 alternatives (at most ``logprobs + 1`` entries, as OpenAI documents).
+``prompt_logprobs`` (vLLM's extension) is a list with ``None`` for prompt
+token 0, then per token ``{token_id: {"logprob", "rank", "decoded_token"}}``:
+the prompt token first, then the top-k in rank order.
 """
 from __future__ import annotations
 
@@ -66,22 +69,50 @@ def chat_logprobs_content(tokenizer: TokenDecoder, entries: Sequence[TokenLogpro
     return out
 
 
+def prompt_logprobs_body(tokenizer: TokenDecoder,
+                         entries: Sequence[TokenLogprobs | None]) -> list[dict[str, dict[str, Any]] | None]:
+    """vLLM's ``prompt_logprobs`` list for one prompt."""
+    out: list[dict[str, dict[str, Any]] | None] = []
+    for entry in entries:
+        if entry is None:
+            out.append(None)
+            continue
+        body = {str(entry.token_id): {"logprob": _clamp(entry.logprob), "rank": entry.rank,
+                                      "decoded_token": _token_str(tokenizer, entry.token_id)}}
+        for rank, (token_id, logprob) in enumerate(zip(entry.top_token_ids, entry.top_logprobs), start=1):
+            body.setdefault(str(token_id), {"logprob": _clamp(logprob), "rank": rank,
+                                            "decoded_token": _token_str(tokenizer, token_id)})
+        out.append(body)
+    return out
+
+
 class CompletionLogprobsBuilder:
     """Builds completions ``logprobs`` objects for one choice; ``text_offset``
     continues across streamed chunks (offsets in characters of token strings,
-    as vLLM)."""
+    as vLLM). A ``None`` entry (echoed prompt token 0) has its token but no
+    logprobs, as vLLM's ``null``s."""
 
     def __init__(self, tokenizer: TokenDecoder, top_k: int, initial_offset: int = 0) -> None:
         self._tokenizer = tokenizer
         self._top_k = top_k
         self._offset = initial_offset
 
-    def build(self, entries: Sequence[TokenLogprobs]) -> dict[str, Any]:
+    def build(self, entries: Sequence[TokenLogprobs | None],
+              token_ids: Sequence[int] = ()) -> dict[str, Any]:
+        """``token_ids[i]`` names the token of a ``None`` entry ``i``."""
         tokens: list[str] = []
-        token_logprobs: list[float] = []
-        top_logprobs: list[dict[str, float]] = []
+        token_logprobs: list[float | None] = []
+        top_logprobs: list[dict[str, float] | None] = []
         text_offset: list[int] = []
-        for entry in entries:
+        for i, entry in enumerate(entries):
+            if entry is None:
+                token = _token_str(self._tokenizer, token_ids[i])
+                tokens.append(token)
+                token_logprobs.append(None)
+                top_logprobs.append(None)
+                text_offset.append(self._offset)
+                self._offset += len(token)
+                continue
             token = _token_str(self._tokenizer, entry.token_id)
             tokens.append(token)
             token_logprobs.append(_clamp(entry.logprob))
@@ -114,8 +145,12 @@ def chat_delta_choice(index: int, delta: dict[str, Any], finish_reason: str | No
 
 
 def completion_choice(index: int, text: str, finish_reason: str | None,
-                      logprobs: dict[str, Any] | None) -> dict[str, Any]:
-    return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
+                      logprobs: dict[str, Any] | None,
+                      prompt_logprobs: list[Any] | None = None) -> dict[str, Any]:
+    body = {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
+    if prompt_logprobs is not None:
+        body["prompt_logprobs"] = prompt_logprobs
+    return body
 
 
 def envelope(request_id: str, obj: str, created: int, model: str,

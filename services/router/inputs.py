@@ -113,9 +113,6 @@ def completion_input(request: CompletionRequest, tokenizer: ChatTokenizer,
     """Tokenize the prompt(s): a string, strings, token ids or lists of ids."""
     _check_model(request.model, settings)
     _refuse_fields(request)
-    if request.echo and request.logprobs is not None:
-        raise bad_request("echo=true with logprobs needs prompt logprobs, which this server does not compute; "
-                          "send echo=false or no logprobs", "echo")
     if request.suffix:
         raise bad_request("suffix is not supported by this server", "suffix")
     raw = request.prompt
@@ -192,10 +189,16 @@ def _refuse_fields(request: _SamplingFields) -> None:
 
 def _sampling_params(request: _SamplingFields, max_tokens: int, logprobs: int | None,
                      constraint: Constraint | None) -> SamplingParams:
+    prompt_logprobs = request.prompt_logprobs
+    if prompt_logprobs is None and getattr(request, "echo", False) and logprobs is not None:
+        prompt_logprobs = logprobs  # as vLLM: echoed prompt tokens carry logprobs too
+    if prompt_logprobs is not None and not 0 <= prompt_logprobs <= SamplingParams.MAX_LOGPROBS:
+        raise bad_request(f"prompt_logprobs must be in [0, {SamplingParams.MAX_LOGPROBS}], got {prompt_logprobs}",
+                          "prompt_logprobs")
     values: dict[str, Any] = {
         "n": request.n, "max_tokens": max_tokens, "min_tokens": request.min_tokens,
         "seed": request.seed, "stop_token_ids": list(request.stop_token_ids or []),
-        "ignore_eos": request.ignore_eos, "logprobs": logprobs,
+        "ignore_eos": request.ignore_eos, "logprobs": logprobs, "prompt_logprobs": prompt_logprobs,
         "skip_special_tokens": request.skip_special_tokens, "constraint": constraint,
     }
     for name in ("temperature", "top_p", "top_k", "min_p", "presence_penalty",

@@ -177,7 +177,7 @@ class Orchestrator:
         self.metrics.pd_decisions.labels("disaggregated").inc()
         first = TokenChunk((prefill.first_token_id,), run.num_prompt_tokens,
                            (prefill.first_logprobs,) if prefill.first_logprobs is not None else None,
-                           prefill.finish_reason, prefill.num_cached_tokens)
+                           prefill.finish_reason, prefill.num_cached_tokens, prefill.prompt_logprobs)
         run.outputs.append(prefill.first_token_id)
         run.num_cached_tokens = prefill.num_cached_tokens
         if prefill.finish_reason is not None:
@@ -242,7 +242,7 @@ class Orchestrator:
                             if isinstance(event, DecodeChunk):
                                 if held is not None:
                                     yield held
-                                chunk = run.add(event.token_ids, event.logprobs)
+                                chunk = run.add(event.token_ids, event.logprobs, event.prompt_logprobs)
                                 # The last tokens must travel with the finish reason (the
                                 # detokenizer drops a final stop token only then), so a chunk
                                 # that may end the stream waits for the Finished event.
@@ -346,6 +346,10 @@ class _Run:
     def pods_to_abort(self) -> list[str]:
         return [p for p in (self.prefill_pod, self.decode_pod) if p is not None]
 
-    def add(self, token_ids: tuple[int, ...], logprobs: tuple[TokenLogprobs, ...] | None) -> TokenChunk:
+    def add(self, token_ids: tuple[int, ...], logprobs: tuple[TokenLogprobs, ...] | None,
+            prompt_logprobs: tuple[TokenLogprobs | None, ...] | None = None) -> TokenChunk:
+        if self.outputs:
+            prompt_logprobs = None  # the client got them with token 0 already
         self.outputs.extend(token_ids)
-        return TokenChunk(token_ids, self.num_prompt_tokens, logprobs, None, self.num_cached_tokens)
+        return TokenChunk(token_ids, self.num_prompt_tokens, logprobs, None, self.num_cached_tokens,
+                          prompt_logprobs)

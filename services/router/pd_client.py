@@ -18,7 +18,7 @@ from splitserve.engine.sampling_params import SamplingParams
 from splitserve.proto import splitserve_v1_pb2 as pb
 from splitserve.proto import splitserve_v1_pb2_grpc as pb_grpc
 from splitserve.pod.proto_convert import (finish_reason_from_proto, logprobs_from_proto,
-                                      logprobs_list_from_proto, sampling_to_proto)
+                                      logprobs_list_from_proto, prompt_logprobs_from_proto, sampling_to_proto)
 from splitserve.router.backend import BackendError
 from splitserve.router.pod_state import PodLoad
 
@@ -59,7 +59,8 @@ class PodCallError(BackendError):
 @dataclass(frozen=True)
 class PrefillResult:
     """The prefill pod's answer. ``kv_handle`` is None when token 0 already
-    finished the request (then ``finish_reason`` is set)."""
+    finished the request (then ``finish_reason`` is set). ``prompt_logprobs``
+    (None for token 0, then one per prompt token) when they were asked."""
 
     first_token_id: int
     first_logprobs: TokenLogprobs | None
@@ -67,12 +68,17 @@ class PrefillResult:
     finish_reason: str | None
     num_prompt_tokens: int
     num_cached_tokens: int
+    prompt_logprobs: tuple[TokenLogprobs | None, ...] | None = None
 
 
 @dataclass(frozen=True)
 class DecodeChunk:
+    """New tokens; ``prompt_logprobs`` on token 0's chunk when the pod
+    computed the prompt and they were asked."""
+
     token_ids: tuple[int, ...]
     logprobs: tuple[TokenLogprobs, ...] | None
+    prompt_logprobs: tuple[TokenLogprobs | None, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -147,7 +153,9 @@ class PodClient:
             kv_handle=response.kv_handle if response.HasField("kv_handle") else None,
             finish_reason=finish_reason_from_proto(response.finish_reason),
             num_prompt_tokens=response.num_prompt_tokens,
-            num_cached_tokens=response.num_cached_tokens)
+            num_cached_tokens=response.num_cached_tokens,
+            prompt_logprobs=(prompt_logprobs_from_proto(response.prompt_logprobs)
+                             if sampling.prompt_logprobs is not None else None))
 
     async def decode(self, request_id: str, token_ids: tuple[int, ...], num_prompt_tokens: int,
                      sampling: SamplingParams, kv_handle: pb.KVHandle | None = None,
@@ -159,14 +167,22 @@ class PodClient:
         if kv_handle is not None:
             message.kv_handle.CopyFrom(kv_handle)
         call = self._stub.Decode(message)
+        # The pod samples token 0 (and computes prompt logprobs) only when no
+        # output token came along.
+        wants_prompt_logprobs = (sampling.prompt_logprobs is not None
+                                 and num_prompt_tokens in (0, len(token_ids)))
         try:
             async for response in call:
                 kind = response.WhichOneof("event")
                 if kind == "chunk":
                     chunk = response.chunk
+                    prompt_logprobs = None
+                    if wants_prompt_logprobs and len(chunk.token_ids):
+                        prompt_logprobs = prompt_logprobs_from_proto(chunk.prompt_logprobs)
+                        wants_prompt_logprobs = False
                     yield DecodeChunk(tuple(chunk.token_ids),
                                       tuple(logprobs_list_from_proto(chunk.logprobs))
-                                      if len(chunk.logprobs) else None)
+                                      if len(chunk.logprobs) else None, prompt_logprobs)
                 elif kind == "finished":
                     yield _finished(response.finished)
                     return

@@ -3,7 +3,8 @@
 Strict types, as OpenAI: ``"max_tokens": "5"`` is a 400, not a coercion.
 Unknown fields are ignored, as vLLM does. vLLM's extensions are accepted:
 ``top_k``, ``min_p``, ``repetition_penalty``, ``ignore_eos``, ``min_tokens``,
-``stop_token_ids``, ``skip_special_tokens``, ``cache_salt``, ``structured_outputs``.
+``stop_token_ids``, ``skip_special_tokens``, ``cache_salt``, ``structured_outputs``,
+``prompt_logprobs``.
 Fields this server knows but does not serve are declared (``REFUSED_FIELDS``)
 so that a request setting one gets a 400 naming it instead of being silently
 served without it.
@@ -59,9 +60,9 @@ class _SamplingFields(_Strict):
     cache_salt: str | None = Field(default=None, min_length=1)
     response_format: dict[str, Any] | None = None
     structured_outputs: dict[str, Any] | None = None
+    prompt_logprobs: int | None = None
     # Known, not served (REFUSED_FIELDS): a value other than the default is a 400.
     logit_bias: dict[str, float] | None = None
-    prompt_logprobs: int | None = None
     best_of: int | None = None
     use_beam_search: bool = False
     bad_words: list[str] | None = None
@@ -71,7 +72,6 @@ class _SamplingFields(_Strict):
 
 REFUSED_FIELDS: dict[str, str] = {
     "logit_bias": "logit_bias is not supported by this server",
-    "prompt_logprobs": "prompt_logprobs is not supported by this server (prompt logprobs are not computed)",
     "use_beam_search": "beam search is not supported by this server",
     "bad_words": "bad_words is not supported by this server",
     "allowed_token_ids": "allowed_token_ids is not supported by this server",

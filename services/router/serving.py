@@ -44,6 +44,7 @@ class _Choice:
     logprobs: list[TokenLogprobs] = field(default_factory=list)
     finish_reason: str | None = None
     num_cached_tokens: int = 0
+    prompt_logprobs: tuple[TokenLogprobs | None, ...] | None = None
 
 
 class OpenAIServing:
@@ -104,6 +105,7 @@ class OpenAIServing:
                     choice.logprobs.extend(delta.logprobs or ())
                     choice.finish_reason = delta.finish_reason or choice.finish_reason
                     choice.num_cached_tokens = max(choice.num_cached_tokens, delta.num_cached_tokens)
+                    choice.prompt_logprobs = choice.prompt_logprobs or delta.prompt_logprobs
         except BackendError as exc:
             raise _backend_error(exc) from None
         bodies = []
@@ -121,14 +123,28 @@ class OpenAIServing:
                           else choice.finish_reason)
                 bodies.append(fmt.chat_choice(index, parsed.content, finish, lp, parsed.tool_calls))
             else:
+                prompt = inp.prompts[index // inp.sampling_params.n]
+                entries: list[TokenLogprobs | None] = list(choice.logprobs)
                 if inp.echo_prompts is not None:
                     text = inp.echo_prompts[index // inp.sampling_params.n] + text
-                clp = (fmt.CompletionLogprobsBuilder(self.tokenizer, inp.logprobs).build(choice.logprobs)
+                    entries = [*(choice.prompt_logprobs or ()), *entries]
+                clp = (fmt.CompletionLogprobsBuilder(self.tokenizer, inp.logprobs).build(entries, prompt)
                        if inp.logprobs is not None else None)
-                bodies.append(fmt.completion_choice(index, text, choice.finish_reason, clp))
+                bodies.append(fmt.completion_choice(index, text, choice.finish_reason, clp,
+                                                    self._prompt_logprobs(inp, choice.prompt_logprobs)))
         usage = fmt.usage(sum(len(p) for p in inp.prompts), sum(c.num_tokens for c in choices),
                           self._cached_tokens(inp, [c.num_cached_tokens for c in choices]))
-        return fmt.envelope(request_id, obj, created, inp.model, bodies, usage)
+        body = fmt.envelope(request_id, obj, created, inp.model, bodies, usage)
+        if inp.endpoint == "chat" and inp.sampling_params.prompt_logprobs is not None:
+            body["prompt_logprobs"] = self._prompt_logprobs(inp, choices[0].prompt_logprobs)  # as vLLM: top level
+        return body
+
+    def _prompt_logprobs(self, inp: GenerationInput,
+                         entries: tuple[TokenLogprobs | None, ...] | None) -> list[Any] | None:
+        """vLLM's ``prompt_logprobs`` body when asked, else None."""
+        if inp.sampling_params.prompt_logprobs is None:
+            return None
+        return fmt.prompt_logprobs_body(self.tokenizer, entries or (None,))
 
     def _cached_tokens(self, inp: GenerationInput, per_choice: list[int]) -> int | None:
         """Prompt tokens served from a prefix cache, summed over prompts (each
@@ -163,10 +179,13 @@ class OpenAIServing:
                  if inp.tool_plan is not None else None)
         echo = list(range(inp.num_choices)) if inp.echo_prompts is not None else []
 
-        def event(choices: list[dict[str, Any]], with_usage: bool) -> str:
+        def event(choices: list[dict[str, Any]], with_usage: bool,
+                  prompt_logprobs: list[Any] | None = None) -> str:
             usage = (fmt.usage(prompt_tokens, completion_tokens, self._cached_tokens(inp, cached))
                      if with_usage else None)
             body = fmt.envelope(request_id, obj, created, inp.model, choices, usage)
+            if prompt_logprobs is not None:
+                body["prompt_logprobs"] = prompt_logprobs
             return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
 
         held = ""  # written with the next event
@@ -174,26 +193,35 @@ class OpenAIServing:
             held = "".join(event([fmt.chat_delta_choice(index, {"role": "assistant", "content": ""}, None, None)],
                                  inp.continuous_usage_stats) for index in range(inp.num_choices))
         unfinished = inp.num_choices
+        # Chat: vLLM's top-level prompt_logprobs, once, on the first chunk with them.
+        chat_prompt_logprobs = inp.endpoint == "chat" and inp.sampling_params.prompt_logprobs is not None
         try:
             async with aclosing(self._deltas(inp, request_id)) as deltas:
                 async for delta in deltas:
                     completion_tokens += len(delta.token_ids)
                     cached[delta.index] = max(cached[delta.index], delta.num_cached_tokens)
+                    echoed: tuple[TokenLogprobs | None, ...] = ()
                     if inp.echo_prompts is not None and delta.index in echo:
-                        # As vLLM: a choice's prompt text comes with its first delta.
+                        # As vLLM: a choice's prompt text (and logprobs) come with its first delta.
                         echo.remove(delta.index)
                         prompt_text = inp.echo_prompts[delta.index // inp.sampling_params.n]
                         delta = replace(delta, text=prompt_text + delta.text)
+                        echoed = delta.prompt_logprobs or ()
                     unfinished -= delta.finish_reason is not None
                     if tools is not None:
                         choice = self._tool_choice(inp, delta, tools[delta.index])
-                    elif not delta.text and delta.finish_reason is None and inp.logprobs is None:
+                    elif (not delta.text and delta.finish_reason is None and inp.logprobs is None
+                          and delta.prompt_logprobs is None):
                         choice = None
                     else:
-                        choice = self._stream_choice(inp, delta, builders)
+                        choice = self._stream_choice(inp, delta, builders, echoed)
                     if choice is None:
                         continue
-                    held += event([choice], inp.continuous_usage_stats)
+                    top_level = None
+                    if chat_prompt_logprobs and delta.prompt_logprobs is not None:
+                        top_level = self._prompt_logprobs(inp, delta.prompt_logprobs)
+                        chat_prompt_logprobs = False
+                    held += event([choice], inp.continuous_usage_stats, top_level)
                     if unfinished > 0:
                         yield held
                         held = ""
@@ -215,15 +243,21 @@ class OpenAIServing:
         return fmt.chat_delta_choice(delta.index, body or {}, finish or delta.finish_reason, lp)
 
     def _stream_choice(self, inp: GenerationInput, delta: ChoiceDelta,
-                       builders: list[fmt.CompletionLogprobsBuilder]) -> dict[str, Any]:
+                       builders: list[fmt.CompletionLogprobsBuilder],
+                       echoed: tuple[TokenLogprobs | None, ...] = ()) -> dict[str, Any]:
+        """``echoed``: prompt logprobs that lead this delta's (echo with logprobs)."""
         entries = delta.logprobs or ()
         if inp.endpoint == "chat":
             lp = (fmt.chat_logprobs_content(self.tokenizer, entries, inp.logprobs or 0)
                   if inp.logprobs is not None else None)
             body = {"content": delta.text} if delta.text or delta.finish_reason is None else {}
             return fmt.chat_delta_choice(delta.index, body, delta.finish_reason, lp)
-        clp = builders[delta.index].build(entries) if inp.logprobs is not None else None
-        return fmt.completion_choice(delta.index, delta.text, delta.finish_reason, clp)
+        clp = None
+        if inp.logprobs is not None:
+            clp = builders[delta.index].build([*echoed, *entries], inp.prompts[delta.index // inp.sampling_params.n])
+        prompt_logprobs = (self._prompt_logprobs(inp, delta.prompt_logprobs)
+                           if delta.prompt_logprobs is not None else None)
+        return fmt.completion_choice(delta.index, delta.text, delta.finish_reason, clp, prompt_logprobs)
 
     async def _deltas(self, inp: GenerationInput, request_id: str) -> AsyncIterator[ChoiceDelta]:
         """All choices' deltas, with router-side latency metrics and outcome."""

@@ -42,7 +42,7 @@ BAD_REQUESTS = [
     ("/v1/chat/completions", {**CHAT, "messages": [{"role": "user", "content": "x" * 60}]}, "prompt"),
     ("/v1/chat/completions", {"messages": CHAT["messages"]}, "model"),
     ("/v1/chat/completions", {**CHAT, "stream": "yes"}, "stream"),
-    ("/v1/completions", {**COMP, "echo": True, "logprobs": 1}, "echo"),
+    ("/v1/completions", {**COMP, "echo": True, "logprobs": 21}, "logprobs"),
     ("/v1/completions", {**COMP, "logprobs": 21}, "logprobs"),
     ("/v1/completions", {**COMP, "prompt": ""}, "prompt"),
     ("/v1/completions", {**COMP, "prompt": []}, "prompt"),

@@ -2,8 +2,8 @@
 for each prompt token after the first, the logprob given the tokens before
 it equals log_softmax of transformers' logits (fp32, 1e-4), and the rank and
 top-k ids equal -- in one chunk, over chunked prefill, next to a request
-without them, and after the same prompt filled the prefix cache (hits are
-skipped for such a request). Each scenario ends with a leak check."""
+without them, under preemption, and after the same prompt filled the prefix
+cache (hits are skipped for such a request). Each scenario ends with a leak check."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -64,6 +64,19 @@ def test_prompt_logprobs_equal_transformers(tiny_checkpoints: dict, hf_logprobs,
     out = llm.generate([{"prompt_token_ids": prompt}, {"prompt_token_ids": other}], [asked, plain])
     _check(out[0].prompt_logprobs, prompt, hf_logprobs(prompt))
     assert out[1].prompt_logprobs is None
+    llm.engine_core.check_no_leaks()
+
+
+def test_prompt_logprobs_survive_preemption(tiny_checkpoints: dict, hf_logprobs) -> None:
+    # Each request needs up to ceil((30 + 12) / 8) = 6 blocks; 4 at once need 24; the pool has 16,
+    # and the 8-token budget chunks the prompts, so some are preempted in the middle of theirs.
+    llm = _llm(tiny_checkpoints["llama"], num_gpu_blocks_override=16, max_num_batched_tokens=8)
+    prompts = [_prompt(10 + i, n) for i, n in enumerate((30, 28, 26, 24))]
+    params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True, prompt_logprobs=TOP_K)
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params)
+    assert llm.engine_core.stats().scheduler.num_preemptions > 0
+    for out, prompt in zip(outs, prompts):
+        _check(out.prompt_logprobs, prompt, hf_logprobs(prompt))
     llm.engine_core.check_no_leaks()
 
 

@@ -190,8 +190,13 @@ def _refuse_fields(request: _SamplingFields) -> None:
 def _sampling_params(request: _SamplingFields, max_tokens: int, logprobs: int | None,
                      constraint: Constraint | None) -> SamplingParams:
     prompt_logprobs = request.prompt_logprobs
-    if prompt_logprobs is None and getattr(request, "echo", False) and logprobs is not None:
+    if request.stream and prompt_logprobs is not None and (prompt_logprobs > 0 or prompt_logprobs == -1):
+        raise bad_request("`prompt_logprobs` are not available when `stream=True`.", "prompt_logprobs")  # vLLM's
+    echo_logprobs = getattr(request, "echo", False) and logprobs is not None
+    if prompt_logprobs is None and echo_logprobs:
         prompt_logprobs = logprobs  # as vLLM: echoed prompt tokens carry logprobs too
+    elif request.stream and not echo_logprobs:
+        prompt_logprobs = None  # 0 is accepted with a stream, as vLLM, which shows none there
     if prompt_logprobs is not None and not 0 <= prompt_logprobs <= SamplingParams.MAX_LOGPROBS:
         raise bad_request(f"prompt_logprobs must be in [0, {SamplingParams.MAX_LOGPROBS}], got {prompt_logprobs}",
                           "prompt_logprobs")

@@ -162,6 +162,9 @@ class OpenAIServing:
         Closing this iterator (client disconnect) cancels every backend request
         of it. A backend failure becomes an error event, as vLLM does.
 
+        Prompt logprobs show only through ``echo`` with ``logprobs`` here, as
+        vLLM (which refuses ``prompt_logprobs`` > 0 with a stream).
+
         Events that are ready together leave as one string (one socket write):
         the chat role chunks ride with the first token, and the last choice's
         finish with the usage chunk and ``[DONE]``.
@@ -179,13 +182,10 @@ class OpenAIServing:
                  if inp.tool_plan is not None else None)
         echo = list(range(inp.num_choices)) if inp.echo_prompts is not None else []
 
-        def event(choices: list[dict[str, Any]], with_usage: bool,
-                  prompt_logprobs: list[Any] | None = None) -> str:
+        def event(choices: list[dict[str, Any]], with_usage: bool) -> str:
             usage = (fmt.usage(prompt_tokens, completion_tokens, self._cached_tokens(inp, cached))
                      if with_usage else None)
             body = fmt.envelope(request_id, obj, created, inp.model, choices, usage)
-            if prompt_logprobs is not None:
-                body["prompt_logprobs"] = prompt_logprobs
             return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
 
         held = ""  # written with the next event
@@ -193,8 +193,6 @@ class OpenAIServing:
             held = "".join(event([fmt.chat_delta_choice(index, {"role": "assistant", "content": ""}, None, None)],
                                  inp.continuous_usage_stats) for index in range(inp.num_choices))
         unfinished = inp.num_choices
-        # Chat: vLLM's top-level prompt_logprobs, once, on the first chunk with them.
-        chat_prompt_logprobs = inp.endpoint == "chat" and inp.sampling_params.prompt_logprobs is not None
         try:
             async with aclosing(self._deltas(inp, request_id)) as deltas:
                 async for delta in deltas:
@@ -210,18 +208,13 @@ class OpenAIServing:
                     unfinished -= delta.finish_reason is not None
                     if tools is not None:
                         choice = self._tool_choice(inp, delta, tools[delta.index])
-                    elif (not delta.text and delta.finish_reason is None and inp.logprobs is None
-                          and delta.prompt_logprobs is None):
+                    elif not delta.text and delta.finish_reason is None and inp.logprobs is None:
                         choice = None
                     else:
                         choice = self._stream_choice(inp, delta, builders, echoed)
                     if choice is None:
                         continue
-                    top_level = None
-                    if chat_prompt_logprobs and delta.prompt_logprobs is not None:
-                        top_level = self._prompt_logprobs(inp, delta.prompt_logprobs)
-                        chat_prompt_logprobs = False
-                    held += event([choice], inp.continuous_usage_stats, top_level)
+                    held += event([choice], inp.continuous_usage_stats)
                     if unfinished > 0:
                         yield held
                         held = ""
@@ -255,9 +248,7 @@ class OpenAIServing:
         clp = None
         if inp.logprobs is not None:
             clp = builders[delta.index].build([*echoed, *entries], inp.prompts[delta.index // inp.sampling_params.n])
-        prompt_logprobs = (self._prompt_logprobs(inp, delta.prompt_logprobs)
-                           if delta.prompt_logprobs is not None else None)
-        return fmt.completion_choice(delta.index, delta.text, delta.finish_reason, clp, prompt_logprobs)
+        return fmt.completion_choice(delta.index, delta.text, delta.finish_reason, clp)
 
     async def _deltas(self, inp: GenerationInput, request_id: str) -> AsyncIterator[ChoiceDelta]:
         """All choices' deltas, with router-side latency metrics and outcome."""

@@ -3,7 +3,8 @@ double: scripted tokens, synthetic logprobs -- prompt token ``i`` at
 ``-1 - i``, rank 2). Shapes as vLLM's server: completions put
 ``prompt_logprobs`` in each choice, chat at the top level; ``echo`` with
 ``logprobs`` leads ``tokens``/``token_logprobs``/``top_logprobs``/
-``text_offset`` with the prompt's tokens (the first without logprobs)."""
+``text_offset`` with the prompt's tokens (the first without logprobs),
+streamed or not; a stream refuses ``prompt_logprobs`` > 0."""
 from __future__ import annotations
 
 from typing import Any
@@ -42,43 +43,38 @@ def check_prompt_logprobs(body: list[Any], prompt: list[int], k: int) -> None:
         assert [entry[a]["rank"] for a in alts] == list(range(1, k + 1))
 
 
-@pytest.mark.parametrize("stream", [False, True])
 @pytest.mark.asyncio
-async def test_completions_prompt_logprobs_per_choice(stream: bool) -> None:
+async def test_completions_prompt_logprobs_per_choice() -> None:
     be = backend()
     r = await post(be, "/v1/completions", {"model": MODEL, "prompt": [PROMPT, "yo"], "n": 2,
-                                           "prompt_logprobs": 2, "max_tokens": 3, "stream": stream})
+                                           "prompt_logprobs": 2, "max_tokens": 3})
     assert r.status_code == 200, r.text
     assert all(req.sampling_params.prompt_logprobs == 2 for req in be.requests)
-    if stream:
-        found: dict[int, list[Any]] = {}
-        for event in sse_events(r.text)[:-1]:
-            for choice in event["choices"]:
-                if "prompt_logprobs" in choice:
-                    assert choice["index"] not in found  # once per choice
-                    found[choice["index"]] = choice["prompt_logprobs"]
-        bodies = [found[i] for i in range(4)]
-    else:
-        bodies = [c["prompt_logprobs"] for c in r.json()["choices"]]
-    for index, body in enumerate(bodies):
-        check_prompt_logprobs(body, encode([PROMPT, "yo"][index // 2]), 2)
+    for index, choice in enumerate(r.json()["choices"]):
+        check_prompt_logprobs(choice["prompt_logprobs"], encode([PROMPT, "yo"][index // 2]), 2)
 
 
-@pytest.mark.parametrize("stream", [False, True])
 @pytest.mark.asyncio
-async def test_chat_prompt_logprobs_at_the_top_level(stream: bool) -> None:
+async def test_chat_prompt_logprobs_at_the_top_level() -> None:
     be = backend()
-    r = await post(be, "/v1/chat/completions", {**CHAT, "prompt_logprobs": 1, "stream": stream})
+    r = await post(be, "/v1/chat/completions", {**CHAT, "prompt_logprobs": 1})
     assert r.status_code == 200, r.text
-    prompt = list(be.requests[0].prompt_token_ids)
-    if stream:
-        bodies = [e["prompt_logprobs"] for e in sse_events(r.text)[:-1] if "prompt_logprobs" in e]
-        assert len(bodies) == 1
-        body = bodies[0]
-    else:
-        body = r.json()["prompt_logprobs"]
-        assert "prompt_logprobs" not in r.json()["choices"][0]
-    check_prompt_logprobs(body, prompt, 1)
+    assert "prompt_logprobs" not in r.json()["choices"][0]
+    check_prompt_logprobs(r.json()["prompt_logprobs"], list(be.requests[0].prompt_token_ids), 1)
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/completions"])
+@pytest.mark.asyncio
+async def test_streams_refuse_prompt_logprobs_above_zero_and_show_none(path: str) -> None:
+    """As vLLM: > 0 with a stream is a 400 naming the field; 0 is accepted and shows nothing."""
+    body = CHAT if path.endswith("chat/completions") else {"model": MODEL, "prompt": PROMPT, "max_tokens": 3}
+    be = backend()
+    r = await post(be, path, {**body, "stream": True, "prompt_logprobs": 1})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "prompt_logprobs"
+    assert "stream=True" in r.json()["error"]["message"] and not be.requests
+    r = await post(be, path, {**body, "stream": True, "prompt_logprobs": 0})
+    assert r.status_code == 200 and "prompt_logprobs" not in r.text
+    assert be.requests[0].sampling_params.prompt_logprobs is None  # nothing computed that nobody sees
 
 
 @pytest.mark.asyncio

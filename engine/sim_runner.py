@@ -140,6 +140,12 @@ class SimRunner:
         out = ModelRunnerOutput()
         for request, num_new, samples in zip(scheduler_output.requests, scheduler_output.num_scheduled_tokens,
                                              scheduler_output.samples):
+            if request.num_prompt_logprobs_missing > 0:
+                # Placeholders (logprob 0, rank 1), like the sampled tokens' below.
+                first = max(request.num_computed_tokens, len(request.prompt_logprobs or ()))
+                last = min(request.num_computed_tokens + num_new, request.num_prompt_tokens - 1)
+                out.prompt_logprobs[request.request_id] = [
+                    TokenLogprobs(t, 0.0, 1) for t in request.token_ids[first + 1:last + 1]]
             if not samples:
                 continue
             end = request.num_computed_tokens + num_new

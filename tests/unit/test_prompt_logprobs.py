@@ -108,3 +108,27 @@ def test_prompt_logprobs_zero_gives_the_prompt_token_only(tiny_checkpoints: dict
 def test_bad_prompt_logprobs_are_refused(value: object) -> None:
     with pytest.raises(InvalidRequestError, match="prompt_logprobs"):
         SamplingParams(prompt_logprobs=value)  # type: ignore[arg-type]
+
+
+def test_simulated_pods_give_placeholder_prompt_logprobs_for_every_token() -> None:
+    """``SimRunner`` (the simulated pods' runner, a double of the model) over
+    chunked prefill: one placeholder per prompt token after the first."""
+    from splitserve.engine.engine_args import EngineArgs
+    from splitserve.engine.engine_core import EngineCore
+    from splitserve.engine.sim_runner import SimRunner
+
+    class NoTime:
+        def step_seconds(self, shape: object) -> float:
+            return 0.0
+
+    runner = SimRunner(num_blocks=32, block_size=4, max_model_len=128, vocab_size=50,
+                       eos_token_ids=frozenset(), step_timer=NoTime())
+    core = EngineCore(EngineArgs.from_kwargs(max_num_batched_tokens=5), runner)
+    prompt = list(range(1, 14))
+    core.add_request("a", prompt, SamplingParams(max_tokens=2, prompt_logprobs=1))
+    outs = []
+    while core.has_unfinished_requests():
+        outs += core.step()
+    (entries,) = [o.prompt_logprobs for o in outs if o.prompt_logprobs is not None]
+    assert entries[0] is None and [e.token_id for e in entries[1:]] == prompt[1:]
+    core.check_no_leaks()

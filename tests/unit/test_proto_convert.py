@@ -20,7 +20,7 @@ def test_sampling_params_round_trip() -> None:
     params = SamplingParams(
         n=2, max_tokens=33, min_tokens=3, temperature=0.7, top_p=0.9, top_k=40, min_p=0.05,
         seed=2**40 + 3, presence_penalty=0.5, frequency_penalty=-0.25, repetition_penalty=1.1,
-        stop_token_ids=[5, 9], ignore_eos=True, logprobs=3,
+        stop_token_ids=[5, 9], ignore_eos=True, logprobs=3, prompt_logprobs=0,
     )
     back = sampling_from_proto(sampling_to_proto(params))
     assert back == params
@@ -30,6 +30,7 @@ def test_unset_optionals_stay_unset() -> None:
     params = SamplingParams(max_tokens=None, seed=None, logprobs=None, temperature=0.0)
     back = sampling_from_proto(sampling_to_proto(params))
     assert back.max_tokens is None and back.seed is None and back.logprobs is None
+    assert back.prompt_logprobs is None
     assert back.is_greedy
 
 

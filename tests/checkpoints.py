@@ -42,14 +42,16 @@ def _save(model_cls: Any, config: Any, out: Path, seed: int) -> Path:
     return out
 
 
-def llama(out: Path, *, llama3_rope: bool = False, tie: bool = False, seed: int = 0) -> Path:
+def llama(out: Path, *, llama3_rope: bool = False, tie: bool = False, seed: int = 0,
+          max_position_embeddings: int | None = None) -> Path:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     rope: dict[str, Any] = {"rope_type": "default", "rope_theta": 10000.0}
     if llama3_rope:
         rope = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
                 "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
-    config = LlamaConfig(**_COMMON, rope_parameters=rope, tie_word_embeddings=tie)
+    common = {**_COMMON, **({"max_position_embeddings": max_position_embeddings} if max_position_embeddings else {})}
+    config = LlamaConfig(**common, rope_parameters=rope, tie_word_embeddings=tie)
     return _save(LlamaForCausalLM, config, out, seed)
 
 

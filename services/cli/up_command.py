@@ -39,6 +39,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--discovery", choices=["file", "static"], default="file",
                         help="how the router follows the pods: file (pods.json; pools scale, roll and "
                              "heal; default) or static (a fixed address list)")
+    parser.add_argument("--drain-notice", type=float, default=0.5,
+                        help="seconds a leaving pod is listed draining (the router stops routing to it) "
+                             "before it gets SIGTERM, like a preStop sleep (default 0.5)")
     parser.add_argument("--termination-grace", type=float, default=120.0,
                         help="seconds a draining pod may take after SIGTERM before SIGKILL (default 120)")
     parser.add_argument("--ready-timeout", type=float, default=300.0)
@@ -78,6 +81,7 @@ def run(args: argparse.Namespace) -> int:
             log_dir=args.log_dir,
             state_dir=args.state_dir,
             discovery=args.discovery,
+            drain_notice_seconds=args.drain_notice,
             termination_grace_seconds=args.termination_grace,
             ready_timeout_seconds=args.ready_timeout,
         )

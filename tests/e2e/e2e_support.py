@@ -133,7 +133,7 @@ class UpProcess:
 
     def __init__(self, model: Path, tmp: Path, *, prefill: int = 1, decode: int = 1,
                  pod_args: Sequence[str] = (), router_args: Sequence[str] = (),
-                 env: dict[str, str] | None = None) -> None:
+                 up_args: Sequence[str] = (), env: dict[str, str] | None = None) -> None:
         self.model = model
         self.env = {**os.environ, **(env or {})}  # the up and every process it starts
         self.port = free_port()
@@ -143,7 +143,7 @@ class UpProcess:
         self.stderr_path = tmp / "up.err"
         self.argv = [sys.executable, "-m", "splitserve", "up", "--model", str(model), "--port", str(self.port),
                      "--prefill", str(prefill), "--decode", str(decode), "--state-dir", str(self.state_dir),
-                     "--log-dir", str(self.log_dir), *(f"--router-arg={a}" for a in router_args),
+                     "--log-dir", str(self.log_dir), *up_args, *(f"--router-arg={a}" for a in router_args),
                      "--", *pod_args]
         self.process: subprocess.Popen[bytes] | None = None
 

@@ -8,7 +8,7 @@ the output of a quiet cluster (text, finish reason, per-token logprobs), no
 5xx but the queue's own 503s, drained pods exit 0, and after each step every
 pod holds no KV block and no lease.
 
-Pods drain with a short grace (``GRACE``) so the long streams of a drained
+Pods drain after a short notice (``NOTICE``) with a short grace (``GRACE``) so the long streams of a drained
 decode pod end with UNAVAILABLE and move to another pod (the router's
 mid-stream failover), while short ones finish within it.
 """
@@ -31,8 +31,15 @@ from e2e_support import KV_CACHE_ARGS, UpProcess, metric_values, pod_load, wait_
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(1200)]
 
 GRACE = 0.3
+# A short notice: the drain of a pod cuts the long streams it runs (the router
+# then moves them) rather than letting them run on.
+NOTICE = 0.1
+# The streams that must outlast a drain: a few seconds each on the tiny model
+# (whose checkpoint here has room for them: MAX_POSITIONS).
+LONG_TOKENS = 1800
+MAX_POSITIONS = 2048
 MAX_QUEUED = 3
-POD_ARGS = [*KV_CACHE_ARGS, "--max-model-len", "512", "--shutdown-grace-seconds", str(GRACE),
+POD_ARGS = [*KV_CACHE_ARGS, "--max-model-len", str(MAX_POSITIONS), "--shutdown-grace-seconds", str(GRACE),
             "--kv-lease-seconds", "10"]
 ROUTER_ARGS = ["--pd-threshold-tokens=0", f"--max-queued-requests={MAX_QUEUED}", "--queue-timeout-seconds=300"]
 
@@ -52,8 +59,10 @@ SPECS = (Spec(_PROMPTS[0], 24), Spec(_PROMPTS[0], 160, 0.9, 1), Spec(_PROMPTS[1]
          Spec(_PROMPTS[1], 24, 0.9, 2), Spec(_PROMPTS[2], 96), Spec(_PROMPTS[2], 96, 0.9, 3),
          # Long streams (seconds here) that outlast a drained pod's grace; prompts
          # of their own, so no decode pod's prefix cache pulls them all to one pod.
-         Spec("Long log A: the barge left at dawn; ", 400), Spec("Long log B: a tug waits at the lock; ", 400),
-         Spec("Long log C: fog over the harbour; ", 400, 0.9, 4), Spec("Long log D: the crane is idle; ", 400, 0.9, 5))
+         Spec("Long log A: the barge left at dawn; ", LONG_TOKENS),
+         Spec("Long log B: a tug waits at the lock; ", LONG_TOKENS),
+         Spec("Long log C: fog over the harbour; ", LONG_TOKENS, 0.9, 4),
+         Spec("Long log D: the crane is idle; ", LONG_TOKENS, 0.9, 5))
 STEADY = 6  # the steady load rotates over SPECS[:STEADY]
 LONG = (6, 7, 8, 9)
 
@@ -155,8 +164,16 @@ def drained_exit_codes(up: UpProcess) -> list[int]:
 
 
 @pytest.fixture(scope="module")
-def up(llama_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[UpProcess]:
-    process = UpProcess(llama_model, tmp_path_factory.mktemp("scaling"), pod_args=POD_ARGS, router_args=ROUTER_ARGS)
+def long_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    import checkpoints
+
+    return checkpoints.llama(tmp_path_factory.mktemp("llama-long"), max_position_embeddings=MAX_POSITIONS)
+
+
+@pytest.fixture(scope="module")
+def up(long_llama: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[UpProcess]:
+    process = UpProcess(long_llama, tmp_path_factory.mktemp("scaling"), pod_args=POD_ARGS, router_args=ROUTER_ARGS,
+                        up_args=["--drain-notice", str(NOTICE)])
     process.start()
     try:
         yield process
@@ -206,7 +223,7 @@ def test_decode_scaled_1_to_3_to_1_under_load(up: UpProcess, reference: dict[int
         long_outcomes = [future.result(timeout=300) for future in long]
     assert [p["name"] for p in up.pods("decode")] == ["decode-0"]  # the newest two drained
     assert_exact(load.outcomes, reference, at_least=10)
-    assert_exact(long_outcomes, reference, at_least=4)
+    assert_exact(long_outcomes, reference, at_least=len(LONG))
     assert drained_exit_codes(up) == [0, 0]
     moved = router_counter(up, "splitserve:router_retries_total", role="decode", reason="unavailable") - cut
     assert moved >= 1, "no stream was cut by a drain: the failover path went untested"

@@ -10,7 +10,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +47,7 @@ class Outcome:
     finish: str | None = None
     error: str | None = None
     disconnected: bool = False
+    seconds: float = 0.0  # start to end, as the client saw it
 
 
 async def stream_completion(client: openai.AsyncOpenAI, model: str, index: int, salt: str,
@@ -93,6 +94,7 @@ class Streams:
     timeout_s: float = 120.0
     progress: list[int] = field(init=False)
     outcomes: list[Outcome] | None = field(init=False, default=None)
+    done: list[bool] = field(init=False)  # per stream: ended (any way)
     _thread: threading.Thread = field(init=False)
     _tasks: list[asyncio.Task[Outcome]] = field(init=False, default_factory=list)
     _loop: asyncio.AbstractEventLoop | None = field(init=False, default=None)
@@ -100,6 +102,7 @@ class Streams:
 
     def __post_init__(self) -> None:
         self.progress = [0] * len(self.specs)
+        self.done = [False] * len(self.specs)
         self._thread = threading.Thread(target=lambda: asyncio.run(self._main()), daemon=True)
         self._thread.start()
         self._started.wait(10)
@@ -109,11 +112,14 @@ class Streams:
                                     timeout=self.timeout_s)
 
         async def one(slot: int, index: int) -> Outcome:
+            started = time.monotonic()
             try:
-                return await stream_completion(client, self.model, index, f"{self.salt}-{slot}", self.progress,
-                                               slot, self.stop_after_chunks)
+                outcome = await stream_completion(client, self.model, index, f"{self.salt}-{slot}", self.progress,
+                                                  slot, self.stop_after_chunks)
             except asyncio.CancelledError:
-                return Outcome(index, disconnected=True)
+                outcome = Outcome(index, disconnected=True)
+            self.done[slot] = True
+            return replace(outcome, seconds=round(time.monotonic() - started, 2))
 
         self._loop = asyncio.get_running_loop()
         self._tasks = [asyncio.create_task(one(s, i)) for s, i in enumerate(self.specs)]
@@ -231,19 +237,31 @@ def load_of(pod: dict):  # -> LoadSnapshot
     return asyncio.run(pod_load(pod["address"]))
 
 
-def busiest(pods: Sequence[dict], streams: Streams, timeout: float = 30.0) -> dict:
-    """The pod of ``pods`` with the most running sequences (its /metrics),
-    once all of ``streams`` run on them together (past the KV handoff)."""
+def freeze_a_busy_pod(pods: Sequence[dict], streams: Streams, timeout: float = 30.0) -> tuple[dict, list[int]]:
+    """SIGSTOP the pod of ``pods`` running most of ``streams`` (its /metrics)
+    and return it with the slots of the streams it holds: those that stop
+    moving while it is frozen (a stream ends in about a second here, so the
+    pod is frozen before it is judged, and SIGCONT'd and tried again if it
+    held none of them)."""
     deadline = time.monotonic() + timeout
     while True:
+        assert time.monotonic() < deadline and streams.outcomes is None, (
+            f"no pod was caught running a stream: chunks {streams.progress}, outcomes "
+            f"{streams.outcomes and [(o.error, len(o.tokens), o.seconds) for o in streams.outcomes]}")
         running = [(router_counter(p["http_port"], "splitserve:num_requests_running"), p) for p in pods]
         count, pod = max(running, key=lambda r: r[0])
-        if sum(r[0] for r in running) >= len(streams.specs):
-            return pod
-        assert time.monotonic() < deadline and streams.outcomes is None, (
-            f"the streams never ran at once: running {[r[0] for r in running]}, chunks {streams.progress}, "
-            f"outcomes {streams.outcomes and [(o.error, len(o.tokens)) for o in streams.outcomes]}")
-        time.sleep(0.01)
+        if count == 0:
+            time.sleep(0.01)
+            continue
+        os.kill(pod["pid"], signal.SIGSTOP)
+        time.sleep(0.3)
+        before = list(streams.progress)
+        time.sleep(0.3)
+        held = [slot for slot, (a, b) in enumerate(zip(before, streams.progress))
+                if a == b and not streams.done[slot]]
+        if held:
+            return pod, held
+        os.kill(pod["pid"], signal.SIGCONT)
 
 
 @contextmanager

@@ -8,7 +8,7 @@ TORCH_SPEC ?= torch==2.13.0
 MODEL_DIR ?= .cache/tiny-llama
 PYTEST_ARGS ?=
 
-.PHONY: install run test test-fast test-chaos bench bench-peers proto clean image test-image
+.PHONY: install run test test-fast test-chaos bench bench-peers proto clean image test-image gpu-check
 
 $(VENV)/.installed: pyproject.toml setup.py Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -77,3 +77,11 @@ bench-peers: install
 	$(PY) bench/engine_throughput.py $(PEER_ARGS) --peer vllm --dtype both --threads 2 --json $(RESULTS)/engine_peer.json
 	$(PY) bench/kv_transfer.py $(PEER_ARGS) --peer vllm --json $(RESULTS)/kv_transfer_peer.json
 	$(PY) bench/serving.py $(PEER_ARGS) --peer vllm --json $(RESULTS)/serving_peer.json
+
+# The one-shot GPU check (issue 20; bench/gpu_check.py): JSON + log into $(OUT),
+# at most 500 s. No install step: on the GPU machine it runs under its python3.
+# GPU_CHECK_ARGS=--dry-run proves it on a CPU machine in well under a minute.
+OUT ?= $(RESULTS)/gpu_check
+GPU_CHECK_ARGS ?=
+gpu-check:
+	OUT=$(OUT) bash bench/gpu_check.sh $(GPU_CHECK_ARGS)

@@ -70,6 +70,10 @@ class BenchModelSpec:
 
 
 LLAMA_56M = BenchModelSpec()
+# ~0.5B, Llama-3-like head_dim 128 with GQA 10/2, for GPU throughput (bench/gpu_check.sh).
+LLAMA_0_5B = BenchModelSpec(name="llama-0.5b", hidden_size=1280, num_hidden_layers=24, num_attention_heads=10,
+                            num_key_value_heads=2, intermediate_size=3456)
+BENCH_MODELS = {spec.name: spec for spec in (LLAMA_56M, LLAMA_0_5B)}
 
 
 def default_cache_dir() -> Path:

@@ -44,7 +44,7 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.bench_models import LLAMA_56M, ensure_bench_model  # noqa: E402
+from bench.bench_models import BENCH_MODELS, LLAMA_56M, ensure_bench_model  # noqa: E402
 from bench.workload import EngineWorkload, engine_workload  # noqa: E402
 
 SYSTEMS = ("splitserve", "hf_cb", "hf_generate")
@@ -237,6 +237,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     parser.add_argument("--dtype", default=None, help="default: float32 on CPU, bfloat16 on CUDA")
     parser.add_argument("--json", type=Path, default=None, help="write the results here")
+    parser.add_argument("--model", default=LLAMA_56M.name, choices=sorted(BENCH_MODELS),
+                        help="random checkpoint shape (bench/bench_models.py)")
     parser.add_argument("--peer", choices=("vllm",), default=None,
                         help="also run vLLM's CPU build on the same workload (bench/peers/engine_peer.py); "
                              "--dtype float32|bfloat16|both, --threads 1|2")
@@ -258,10 +260,11 @@ def main(argv: list[str] | None = None) -> int:
     unknown = sorted(set(systems) - set(SYSTEMS))
     if unknown:
         parser.error(f"unknown system(s) {unknown}; choose from {SYSTEMS}")
-    workload = engine_workload(LLAMA_56M.vocab_size, quick=args.quick, num_requests=args.num_requests,
+    spec = BENCH_MODELS[args.model]
+    workload = engine_workload(spec.vocab_size, quick=args.quick, num_requests=args.num_requests,
                                max_tokens=args.max_tokens)
-    model = ensure_bench_model(dtype)
-    print(f"model {LLAMA_56M.name} ({LLAMA_56M.num_parameters / 1e6:.0f}M params, {dtype}) on {device}; "
+    model = ensure_bench_model(dtype, spec)
+    print(f"model {spec.name} ({spec.num_parameters / 1e6:.0f}M params, {dtype}) on {device}; "
           f"workload {workload.name}: {len(workload.requests)} requests, {workload.num_prompt_tokens} prompt "
           f"tokens, {workload.max_tokens} output tokens each", flush=True)
 
@@ -288,7 +291,7 @@ def main(argv: list[str] | None = None) -> int:
         data = {
             "benchmark": "engine_throughput",
             "hardware": _hardware(device),
-            "model": {**asdict(LLAMA_56M), "dtype": dtype, "num_parameters": LLAMA_56M.num_parameters},
+            "model": {**asdict(spec), "dtype": dtype, "num_parameters": spec.num_parameters},
             "workload": {"name": workload.name, "seed": workload.seed, "num_requests": len(workload.requests),
                          "prompt_tokens": workload.num_prompt_tokens, "max_tokens": workload.max_tokens,
                          "greedy": True, "ignore_eos": True},

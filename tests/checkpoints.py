@@ -43,7 +43,7 @@ def _save(model_cls: Any, config: Any, out: Path, seed: int) -> Path:
 
 
 def llama(out: Path, *, llama3_rope: bool = False, tie: bool = False, seed: int = 0,
-          max_position_embeddings: int | None = None) -> Path:
+          max_position_embeddings: int | None = None, head_dim: int | None = None) -> Path:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     rope: dict[str, Any] = {"rope_type": "default", "rope_theta": 10000.0}
@@ -51,15 +51,17 @@ def llama(out: Path, *, llama3_rope: bool = False, tie: bool = False, seed: int 
         rope = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
                 "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
     common = {**_COMMON, **({"max_position_embeddings": max_position_embeddings} if max_position_embeddings else {})}
-    config = LlamaConfig(**common, rope_parameters=rope, tie_word_embeddings=tie)
+    config = LlamaConfig(**common, rope_parameters=rope, tie_word_embeddings=tie,
+                         **({"head_dim": head_dim} if head_dim else {}))
     return _save(LlamaForCausalLM, config, out, seed)
 
 
-def qwen2(out: Path, *, seed: int = 0) -> Path:
+def qwen2(out: Path, *, seed: int = 0, head_dim: int | None = None) -> Path:
+    """``head_dim`` overrides hidden_size / heads (64 suits the Triton kernels)."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     config = Qwen2Config(**_COMMON, tie_word_embeddings=True, rope_parameters={"rope_type": "default",
-                         "rope_theta": 1000000.0})
+                         "rope_theta": 1000000.0}, **({"head_dim": head_dim} if head_dim else {}))
     return _save(Qwen2ForCausalLM, config, out, seed)
 
 

@@ -25,28 +25,32 @@ def _prompts(seed: int, lengths: tuple[int, ...], prefix: list[int] | None = Non
     return [head + torch.randint(0, 288, (n,), generator=gen).tolist() for n in lengths]
 
 
-@pytest.fixture(scope="module")
-def hf_greedy(tiny_checkpoints: dict):
-    """transformers' greedy continuation of a prompt, memoised per (family, prompt)."""
-    from transformers import AutoModelForCausalLM
-
-    models: dict[str, object] = {}
+def _hf_runner(paths: dict[str, Path]):
+    """transformers' greedy continuation of a prompt (fp32, CPU), memoised per (family, prompt)."""
     memo: dict[tuple[str, tuple[int, ...]], list[int]] = {}
 
     def run(family: str, prompt: list[int]) -> list[int]:
         key = (family, tuple(prompt))
         if key not in memo:
-            if family not in models:
-                models[family] = AutoModelForCausalLM.from_pretrained(str(tiny_checkpoints[family]),
-                                                                      dtype=torch.float32)
             ids = torch.tensor([prompt])
             # An explicit mask: transformers would otherwise mask prompt tokens equal to pad.
-            out = models[family].generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=MAX_TOKENS,
-                                          do_sample=False, eos_token_id=None)
+            out = _hf_model(paths[family]).generate(ids, attention_mask=torch.ones_like(ids),
+                                                     max_new_tokens=MAX_TOKENS, do_sample=False, eos_token_id=None)
             memo[key] = out[0, len(prompt):].tolist()
         return memo[key]
 
     return run
+
+
+def _hf_model(path: Path):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
+
+
+@pytest.fixture(scope="module")
+def hf_greedy(tiny_checkpoints: dict):
+    return _hf_runner(tiny_checkpoints)
 
 
 def _generate(llm: LLM, prompts: list[list[int]], params: SamplingParams = GREEDY) -> list[list[int]]:
@@ -123,3 +127,61 @@ def test_seeded_sampling_is_reproducible_and_seed_dependent(tiny_checkpoints: di
     assert small.engine_core.stats().scheduler.num_preemptions > 0
     llm.engine_core.check_no_leaks()
     small.engine_core.check_no_leaks()
+
+
+# On CUDA with the Triton kernels (marker gpu; bench/gpu_check.sh runs these). The
+# kernels take head_dim 64-128, so these checkpoints override the tiny head_dim.
+TRITON_FAMILIES = ["llama", "qwen2"]
+CUDA_ARGS = dict(device="cuda", attention_backend="triton", block_size=16, max_model_len=128,
+                 num_gpu_blocks_override=64)
+# bf16: each generated token's fp32 logit lies within this fraction of that
+# step's logit range below the fp32 maximum (a near-tie may flip; nothing worse).
+BF16_LOGIT_TOLERANCE = 0.02
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def on_cuda_triton(test):
+    """Marker gpu, skipped without CUDA, once per Triton-shaped family."""
+    return pytest.mark.gpu(needs_cuda(pytest.mark.parametrize("family", TRITON_FAMILIES)(test)))
+
+
+@pytest.fixture(scope="module")
+def triton_checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    import checkpoints
+
+    root = tmp_path_factory.mktemp("triton-checkpoints")
+    return {name: getattr(checkpoints, name)(root / name, head_dim=64) for name in TRITON_FAMILIES}
+
+
+def _cuda_llm(paths: dict, family: str, dtype: str) -> LLM:
+    return LLM(str(paths[family]), dtype=dtype, **CUDA_ARGS)
+
+
+@on_cuda_triton
+def test_cuda_triton_fp32_greedy_is_token_identical(triton_checkpoints: dict, family: str) -> None:
+    llm = _cuda_llm(triton_checkpoints, family, "float32")
+    prompts = _prompts(6, (1, 9, 40, 77))
+    shared = _prompts(7, (37,))[0]
+    prompts += _prompts(8, (3, 20), prefix=shared)  # prefix-cache hits on the second pass
+    run = _hf_runner(triton_checkpoints)
+    first = _generate(llm, prompts)
+    _assert_matches(family, run, prompts, first)
+    assert _generate(llm, prompts) == first
+    llm.engine_core.check_no_leaks()
+
+
+@on_cuda_triton
+def test_cuda_triton_bf16_greedy_within_logit_tolerance(triton_checkpoints: dict, family: str) -> None:
+    llm = _cuda_llm(triton_checkpoints, family, "bfloat16")
+    prompts = _prompts(9, (1, 9, 40, 77))
+    model = _hf_model(triton_checkpoints[family])
+    for prompt, tokens in zip(prompts, _generate(llm, prompts)):
+        ids = torch.tensor([prompt + tokens])
+        with torch.no_grad():
+            logits = model(ids).logits[0, len(prompt) - 1:-1]  # the logits each generated token was chosen from
+        top, low = logits.max(-1).values, logits.min(-1).values
+        chosen = logits.gather(1, torch.tensor(tokens)[:, None])[:, 0]
+        gap = (top - chosen) / (top - low)
+        assert len(tokens) == MAX_TOKENS
+        assert gap.max().item() <= BF16_LOGIT_TOLERANCE, f"{family} prompt len {len(prompt)}: gaps {gap.tolist()}"
+    llm.engine_core.check_no_leaks()

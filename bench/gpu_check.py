@@ -151,17 +151,20 @@ def _summarise(step: Step, out: Path, output: str) -> dict[str, object]:
     return summary
 
 
-def plan(out: Path, dry_run: bool, python: str, cuda: bool) -> list[Step]:
+def plan(out: Path, dry_run: bool, python: str, cuda: bool, xdist: bool = False) -> list[Step]:
     """The steps in order; ``dry_run`` shrinks them to seconds on a CPU. The time
     boxes add up to 495 s, inside bench/gpu_check.sh's 500 s cap, so a rerun
     still fits the device machine's 15 minutes."""
     interp = {"TRITON_INTERPRET": "1"} if dry_run else {}
     no_gpu = None if cuda else "no CUDA device on this machine"
     kernel_targets = ["tests/kernels/test_kernels_rms_norm.py"] if dry_run else ["tests/kernels"]
-    pytest = [python, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--timeout", "60"]
+    # -v: the log keeps each test's outcome even if the time box kills pytest before its junit XML.
+    pytest = [python, "-m", "pytest", "-v", "-p", "no:cacheprovider", "--timeout", "60"]
+    # Kernel compiles dominate on the GPU; the device machine has 16 cores and pytest-xdist.
+    parallel = ["-n", "8"] if xdist and not dry_run else []
     steps = [
         Step("environment", [python, "-c", ENV_PROBE], 30),
-        Step("kernel_tests", [*pytest, *kernel_targets, "-m", "not slow",
+        Step("kernel_tests", [*pytest, *parallel, *kernel_targets, "-m", "not slow",
                               "--junitxml", str(out / "kernel_tests.xml")], 120, interp, ["kernel_tests.xml"]),
         Step("exactness", [*pytest, "tests/unit/test_exactness.py", "-m", "gpu",
                            "--junitxml", str(out / "exactness.xml")], 75, interp, ["exactness.xml"]),
@@ -188,9 +191,8 @@ def plan(out: Path, dry_run: bool, python: str, cuda: bool) -> list[Step]:
     return steps
 
 
-def _has_cuda(python: str) -> bool:
-    probe = subprocess.run([python, "-c", "import torch; print(torch.cuda.is_available())"],
-                           capture_output=True, text=True, timeout=120)
+def _probe(python: str, expression: str) -> bool:
+    probe = subprocess.run([python, "-c", f"print(bool({expression}))"], capture_output=True, text=True, timeout=120)
     return probe.stdout.strip().endswith("True")
 
 
@@ -212,8 +214,9 @@ def main(argv: list[str] | None = None) -> int:
     ns = parser.parse_args(argv)
     ns.out.mkdir(parents=True, exist_ok=True)
     started = time.time()
-    cuda = _has_cuda(ns.python)
-    steps = plan(ns.out, ns.dry_run, ns.python, cuda)
+    cuda = _probe(ns.python, "__import__('torch').cuda.is_available()")
+    xdist = _probe(ns.python, "__import__('importlib.util').util.find_spec('xdist')")
+    steps = plan(ns.out, ns.dry_run, ns.python, cuda, xdist)
     wanted = {s.strip() for s in ns.only.split(",") if s.strip()}
     result: dict[str, object] = {"dry_run": ns.dry_run, "cuda": cuda, "started_unix": started,
                                  "nvidia_smi": _nvidia_smi(), "steps": []}

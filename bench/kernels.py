@@ -207,14 +207,13 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[Row] = []
     decode = DECODE_QUICK if ns.quick else DECODE_FULL
     prefill = PREFILL_QUICK if ns.quick else PREFILL_FULL
-    for batch, context in decode:
-        row = run_shape("decode", batch, 1, context - 1, copy_bw, device)
+    print(f"copy bandwidth: {copy_bw / 1e9:.0f} GB/s", flush=True)
+    shapes = [("decode", b, 1, c - 1) for b, c in decode] + [("prefill", *shape) for shape in prefill]
+    for kind, num_seqs, q_len, prefix in shapes:
+        row = run_shape(kind, num_seqs, q_len, prefix, copy_bw, device)
         if row is not None:
             rows.append(row)
-    for num_seqs, q_len, prefix in prefill:
-        row = run_shape("prefill", num_seqs, q_len, prefix, copy_bw, device)
-        if row is not None:
-            rows.append(row)
+            print(json.dumps(asdict(row)), flush=True)  # a run cut short keeps the rows measured so far
     print(f"device: {torch.cuda.get_device_name(device)}, {DTYPE}, heads {NUM_HEADS}/{NUM_KV_HEADS}, head_dim {HEAD_DIM}")
     print_table(rows, copy_bw)
     result = targets(rows)

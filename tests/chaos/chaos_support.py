@@ -17,6 +17,7 @@ from typing import Any
 import httpx
 import openai
 from e2e_support import UpProcess, metric_values, pod_load, wait_pods_clean
+from process_probe import alive
 from splitserve.local.probes import router_pod_states
 
 
@@ -275,11 +276,3 @@ def frozen(pids: Sequence[int]) -> Iterator[None]:
         for pid in pids:
             os.kill(pid, signal.SIGCONT)
 
-
-def alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    with open(f"/proc/{pid}/stat") as stat:
-        return stat.read().split()[2] != "Z"

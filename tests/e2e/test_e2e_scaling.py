@@ -26,6 +26,7 @@ from pathlib import Path
 
 import openai
 import pytest
+from process_probe import alive
 from e2e_support import KV_CACHE_ARGS, UpProcess, metric_values, pod_load, wait_pods_clean
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(1200)]
@@ -115,14 +116,14 @@ class SteadyLoad:
         self._thread.start()
         deadline = time.monotonic() + 60
         while not self.outcomes:  # the load is on before the step under test begins
-            assert time.monotonic() < deadline and self._thread.is_alive()
+            assert time.monotonic() < deadline and self._thread.isalive()
             time.sleep(0.05)
         return self
 
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join(300)
-        assert not self._thread.is_alive()
+        assert not self._thread.isalive()
 
     async def _main(self) -> None:
         client = openai.AsyncOpenAI(base_url=self.up.base_url, api_key="unused", max_retries=0, timeout=300)
@@ -182,7 +183,7 @@ def up(long_llama: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[U
         code = process.stop()
     assert code == 0, process.events()[-3000:]
     time.sleep(0.5)
-    assert not [pid for pid in pids if _alive(pid)], "pods outlived `splitserve up`"
+    assert not [pid for pid in pids if alive(pid)], "pods outlived `splitserve up`"
 
 
 @pytest.fixture(scope="module")
@@ -352,11 +353,3 @@ def _pods_or_none(up: UpProcess) -> list[dict]:
     except AssertionError:
         return []
 
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    with open(f"/proc/{pid}/stat") as stat:
-        return stat.read().split()[2] != "Z"

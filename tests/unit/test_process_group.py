@@ -1,22 +1,19 @@
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
+import grpc
+import pytest
+from process_probe import alive
+
+from splitserve.local.parent_watch import main as parent_watch_main
 from splitserve.local.process_group import ProcessGroup
 
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    # A zombie still answers kill(0); read its state.
-    with open(f"/proc/{pid}/stat") as stat:
-        return stat.read().split()[2] != "Z"
 
 
 def test_stop_all_kills_children_and_their_children(tmp_path) -> None:
@@ -34,11 +31,11 @@ def test_stop_all_kills_children_and_their_children(tmp_path) -> None:
         assert time.monotonic() < deadline
         time.sleep(0.05)
     grandchild = int(pid_file.read_text())
-    assert _alive(child.pid) and _alive(grandchild)
+    assert alive(child.pid) and alive(grandchild)
     group.stop_all(grace_seconds=5)
     time.sleep(0.2)
-    assert not _alive(child.pid)
-    assert not _alive(grandchild)
+    assert not alive(child.pid)
+    assert not alive(grandchild)
     assert group.processes == []
 
 
@@ -61,9 +58,9 @@ def test_children_die_when_the_launcher_is_killed(tmp_path) -> None:
     proc.kill()
     proc.wait()
     deadline = time.monotonic() + 5
-    while _alive(child) and time.monotonic() < deadline:
+    while alive(child) and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert not _alive(child)
+    assert not alive(child)
 
 
 def test_first_exited_reports_a_dead_child() -> None:
@@ -96,4 +93,27 @@ def test_signal_reaches_one_child_and_reap_returns_it_once() -> None:
     assert [p.name for p in reaped] == ["target"] and target.returncode == 7
     assert group.reap() == [] and group.processes == [other] and other.is_running()
     group.stop_all(grace_seconds=2)
-    assert not _alive(other.pid)
+    assert not alive(other.pid)
+
+
+def test_children_start_beside_live_grpc_threads(tmp_path: Path) -> None:
+    server = grpc.server(ThreadPoolExecutor(2))
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+    group = ProcessGroup()
+    try:
+        grpc.channel_ready_future(channel).result(timeout=10)
+        started = [group.start(f"c{i}", [sys.executable, "-c", "print('ok')"], log_path=tmp_path / f"c{i}.log")
+                   for i in range(8)]
+        for process in started:
+            assert process.popen.wait(timeout=30) == 0, (tmp_path / f"{process.name}.log").read_text()
+    finally:
+        group.stop_all(1.0)
+        channel.close()
+        server.stop(0)
+
+
+def test_the_shim_refuses_a_bad_command_line() -> None:
+    with pytest.raises(SystemExit, match="usage"):
+        parent_watch_main(["not-a-pid", "sleep", "1"])

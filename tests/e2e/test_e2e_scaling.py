@@ -116,14 +116,14 @@ class SteadyLoad:
         self._thread.start()
         deadline = time.monotonic() + 60
         while not self.outcomes:  # the load is on before the step under test begins
-            assert time.monotonic() < deadline and self._thread.isalive()
+            assert time.monotonic() < deadline and self._thread.is_alive()
             time.sleep(0.05)
         return self
 
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join(300)
-        assert not self._thread.isalive()
+        assert not self._thread.is_alive()
 
     async def _main(self) -> None:
         client = openai.AsyncOpenAI(base_url=self.up.base_url, api_key="unused", max_retries=0, timeout=300)

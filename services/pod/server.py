@@ -19,6 +19,7 @@ from splitserve.pod.model_fingerprint import model_fingerprint
 from splitserve.pod.config import PodConfig
 from splitserve.pod.core import PodCore
 from splitserve.pod.kv_event_hub import KVEventHub
+from splitserve.startup_heap import freeze_startup_heap
 from splitserve.pod.http import create_pod_http_app
 from splitserve.pod.messages import Role
 from splitserve.pod.servicer import PodServicer
@@ -66,6 +67,7 @@ class PodServer:
                                   self.config.host, self.config.http_port)
         await http.start()
         stats = core.engine.stats()
+        freeze_startup_heap()
         logger.info("%s pod serving gRPC%s %s:%d, HTTP %d; %d KV blocks of %d tokens; incarnation %s",
                     self.config.role.value, _tls_note(self.config), self.config.host, self.config.port,
                     self.config.http_port,

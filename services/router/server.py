@@ -34,6 +34,7 @@ from splitserve.router.scaler_core import ScalerCore
 from splitserve.router.scaler_servicer import ScalerServer
 from splitserve.router.serving import OpenAIServing
 from splitserve.router.settings import settings_from_env
+from splitserve.startup_heap import freeze_startup_heap
 
 logger = logging.getLogger(__name__)
 
@@ -188,6 +189,7 @@ async def serve(config: RouterConfig, stop: asyncio.Event | None = None) -> None
             await http.start()
         if scaler is not None:
             await scaler.start()
+        freeze_startup_heap()
         logger.info("router on %s://%s:%d/v1 (discovery %s, policy %s%s)",
                     "https" if config.http_tls else "http", config.host, config.port,
                     config.pods.kind, config.policy,

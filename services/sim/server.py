@@ -14,6 +14,7 @@ from splitserve.sim.config import SimConfig
 from splitserve.sim.control_http import create_control_app
 from splitserve.sim.memory import process_rss_bytes
 from splitserve.sim.sim_fleet import SimFleet, role_counts
+from splitserve.startup_heap import freeze_startup_heap
 
 logger = logging.getLogger("splitserve.sim")
 
@@ -43,6 +44,7 @@ async def run_fleet(config: SimConfig, stop: asyncio.Event | None = None) -> int
         await fleet.start()
         pods = list(fleet.pods.values())
         per_pod = (process_rss_bytes() - rss_before) / max(len(pods), 1)
+        freeze_startup_heap()
         logger.info("sim fleet serving %s on gRPC ports %d-%d, HTTP %s; %d KV blocks of %d tokens per pod; "
                     "~%.2f MiB RSS per pod", role_counts(pods), pods[0].port, pods[-1].port,
                     config.http_port or "off", config.num_blocks, config.block_size, per_pod / 2**20)

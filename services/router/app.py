@@ -14,11 +14,12 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ValidationError
 
 from splitserve.router.auth import ApiKeyMiddleware
 from splitserve.router.errors import OpenAIError, bad_request, body_too_large
+from splitserve.router.event_stream import EventStreamResponse
 from splitserve.router.metrics import CONTENT_TYPE
 from splitserve.router.openapi import describe_request_bodies
 from splitserve.router.protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
@@ -123,8 +124,7 @@ async def _disconnected(request: Request) -> None:
 
 async def _respond(serving: OpenAIServing, inp: Any) -> Response:
     if inp.stream:
-        return StreamingResponse(serving.generate_stream(inp), media_type="text/event-stream",
-                                 headers=_SSE_HEADERS)
+        return EventStreamResponse(serving.generate_stream(inp), headers=_SSE_HEADERS)
     return JSONResponse(await serving.generate(inp))
 
 

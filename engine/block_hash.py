@@ -79,9 +79,8 @@ def hash_prompt_blocks(
     step = block_size * 4
     sha256 = hashlib.sha256
     hashes: list[BlockHash] = []
+    append = hashes.append
     for offset in range(0, num_full * 4, step):
-        h = sha256(parent)
-        h.update(encoded[offset:offset + step])
-        parent = h.digest()
-        hashes.append(parent)
+        parent = sha256(parent + encoded[offset:offset + step]).digest()
+        append(parent)
     return hashes

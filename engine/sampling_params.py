@@ -77,52 +77,47 @@ class SamplingParams:
 
     def validate(self) -> None:
         """Raise ``InvalidRequestError`` naming the first bad field."""
-        _check(isinstance(self.n, int) and self.n >= 1, f"n must be an integer >= 1, got {self.n!r}")
+        if not (isinstance(self.n, int) and self.n >= 1):
+            raise InvalidRequestError(f"n must be an integer >= 1, got {self.n!r}")
         if self.max_tokens is not None:
-            _check(
-                isinstance(self.max_tokens, int) and self.max_tokens >= 1,
-                f"max_tokens must be an integer >= 1, got {self.max_tokens!r}",
-            )
-        _check(
-            isinstance(self.min_tokens, int) and self.min_tokens >= 0,
-            f"min_tokens must be an integer >= 0, got {self.min_tokens!r}",
-        )
+            if not (isinstance(self.max_tokens, int) and self.max_tokens >= 1):
+                raise InvalidRequestError(f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
+        if not (isinstance(self.min_tokens, int) and self.min_tokens >= 0):
+            raise InvalidRequestError(f"min_tokens must be an integer >= 0, got {self.min_tokens!r}")
         if self.max_tokens is not None:
-            _check(
-                self.min_tokens <= self.max_tokens,
-                f"min_tokens ({self.min_tokens}) must be <= max_tokens ({self.max_tokens})",
-            )
-        _check(_is_number(self.temperature) and self.temperature >= 0.0,
-               f"temperature must be a finite number >= 0, got {self.temperature!r}")
-        _check(_is_number(self.top_p) and 0.0 < self.top_p <= 1.0,
-               f"top_p must be in (0, 1], got {self.top_p!r}")
-        _check(isinstance(self.top_k, int) and 0 <= self.top_k < 2**31,
-               f"top_k must be -1, 0 (disabled) or a positive integer below 2^31, got {self.top_k!r}")
-        _check(_is_number(self.min_p) and 0.0 <= self.min_p <= 1.0,
-               f"min_p must be in [0, 1], got {self.min_p!r}")
-        _check(_is_number(self.presence_penalty) and -2.0 <= self.presence_penalty <= 2.0,
-               f"presence_penalty must be in [-2, 2], got {self.presence_penalty!r}")
-        _check(_is_number(self.frequency_penalty) and -2.0 <= self.frequency_penalty <= 2.0,
-               f"frequency_penalty must be in [-2, 2], got {self.frequency_penalty!r}")
-        _check(_is_number(self.repetition_penalty) and self.repetition_penalty > 0.0,
-               f"repetition_penalty must be > 0, got {self.repetition_penalty!r}")
+            if not (self.min_tokens <= self.max_tokens):
+                raise InvalidRequestError(f"min_tokens ({self.min_tokens}) must be <= max_tokens ({self.max_tokens})")
+        if not (_is_number(self.temperature) and self.temperature >= 0.0):
+            raise InvalidRequestError(f"temperature must be a finite number >= 0, got {self.temperature!r}")
+        if not (_is_number(self.top_p) and 0.0 < self.top_p <= 1.0):
+            raise InvalidRequestError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if not (isinstance(self.top_k, int) and 0 <= self.top_k < 2**31):
+            raise InvalidRequestError(
+                f"top_k must be -1, 0 (disabled) or a positive integer below 2^31, got {self.top_k!r}")
+        if not (_is_number(self.min_p) and 0.0 <= self.min_p <= 1.0):
+            raise InvalidRequestError(f"min_p must be in [0, 1], got {self.min_p!r}")
+        if not (_is_number(self.presence_penalty) and -2.0 <= self.presence_penalty <= 2.0):
+            raise InvalidRequestError(f"presence_penalty must be in [-2, 2], got {self.presence_penalty!r}")
+        if not (_is_number(self.frequency_penalty) and -2.0 <= self.frequency_penalty <= 2.0):
+            raise InvalidRequestError(f"frequency_penalty must be in [-2, 2], got {self.frequency_penalty!r}")
+        if not (_is_number(self.repetition_penalty) and self.repetition_penalty > 0.0):
+            raise InvalidRequestError(f"repetition_penalty must be > 0, got {self.repetition_penalty!r}")
         if self.seed is not None:
-            _check(isinstance(self.seed, int) and 0 <= self.seed < 2**63,
-                   f"seed must be an integer in [0, 2^63), got {self.seed!r}")
-        _check(all(isinstance(t, int) and 0 <= t < 2**32 for t in self.stop_token_ids),
-               f"stop_token_ids must be integers in [0, 2^32), got {self.stop_token_ids!r}")
+            if not (isinstance(self.seed, int) and 0 <= self.seed < 2**63):
+                raise InvalidRequestError(f"seed must be an integer in [0, 2^63), got {self.seed!r}")
+        if not all(isinstance(t, int) and 0 <= t < 2**32 for t in self.stop_token_ids):
+            raise InvalidRequestError(f"stop_token_ids must be integers in [0, 2^32), got {self.stop_token_ids!r}")
         if self.logprobs is not None:
-            _check(
-                isinstance(self.logprobs, int) and 0 <= self.logprobs <= self.MAX_LOGPROBS,
-                f"logprobs must be an integer in [0, {self.MAX_LOGPROBS}], got {self.logprobs!r}",
-            )
+            if not (isinstance(self.logprobs, int) and 0 <= self.logprobs <= self.MAX_LOGPROBS):
+                raise InvalidRequestError(
+                    f"logprobs must be an integer in [0, {self.MAX_LOGPROBS}], got {self.logprobs!r}")
         if self.prompt_logprobs is not None:
-            _check(
-                isinstance(self.prompt_logprobs, int) and 0 <= self.prompt_logprobs <= self.MAX_LOGPROBS,
-                f"prompt_logprobs must be an integer in [0, {self.MAX_LOGPROBS}], got {self.prompt_logprobs!r}",
-            )
-        _check(self.constraint is None or isinstance(self.constraint, Constraint),
-               f"constraint must be a structured.Constraint, got {type(self.constraint).__name__}")
+            if not (isinstance(self.prompt_logprobs, int) and 0 <= self.prompt_logprobs <= self.MAX_LOGPROBS):
+                raise InvalidRequestError(
+                    f"prompt_logprobs must be an integer in [0, {self.MAX_LOGPROBS}], got {self.prompt_logprobs!r}")
+        if not (self.constraint is None or isinstance(self.constraint, Constraint)):
+            raise InvalidRequestError(
+                f"constraint must be a structured.Constraint, got {type(self.constraint).__name__}")
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> SamplingParams:
@@ -141,6 +136,3 @@ def _is_number(value: object) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def _check(ok: bool, message: str) -> None:
-    if not ok:
-        raise InvalidRequestError(message)

@@ -24,7 +24,7 @@ from splitserve.router.metrics import CONTENT_TYPE
 from splitserve.router.openapi import describe_request_bodies
 from splitserve.router.protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
 from splitserve.router.request_queue import ClientGone, RequestQueue
-from splitserve.router.serving import OpenAIServing
+from splitserve.router.serving import SSE_DONE, OpenAIServing
 from splitserve.router.settings import RouterSettings
 
 logger = logging.getLogger(__name__)
@@ -124,7 +124,7 @@ async def _disconnected(request: Request) -> None:
 
 async def _respond(serving: OpenAIServing, inp: Any) -> Response:
     if inp.stream:
-        return EventStreamResponse(serving.generate_stream(inp), headers=_SSE_HEADERS)
+        return EventStreamResponse(serving.generate_stream(inp), headers=_SSE_HEADERS, last_event=SSE_DONE)
     return JSONResponse(await serving.generate(inp))
 
 

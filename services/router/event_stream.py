@@ -21,13 +21,17 @@ MEDIA_TYPE = "text/event-stream"
 
 class EventStreamResponse(Response):
     """200 ``text/event-stream`` whose body is ``events`` (str or bytes, each
-    written as it comes). A client that hangs up cancels the stream where it
-    waits; ``events`` is closed whether it ended, failed or was cut."""
+    written as it comes). An event ending with ``last_event`` (e.g.
+    ``data: [DONE]``) ends the body. A client that hangs up cancels the
+    stream where it waits; ``events`` is closed whether it ended, failed or
+    was cut."""
 
     media_type = MEDIA_TYPE
 
-    def __init__(self, events: AsyncIterator[str | bytes], headers: Mapping[str, str] | None = None) -> None:
+    def __init__(self, events: AsyncIterator[str | bytes], headers: Mapping[str, str] | None = None,
+                 last_event: bytes | None = None) -> None:
         self.events = events
+        self.last_event = last_event
         self.status_code = 200
         self.background = None
         self.init_headers(headers)
@@ -48,10 +52,16 @@ class EventStreamResponse(Response):
         watcher = asyncio.get_running_loop().create_task(watch())
         try:
             await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
+            ended = False
             async for event in self.events:
                 body = event if isinstance(event, bytes) else event.encode()
-                await send({"type": "http.response.body", "body": body, "more_body": True})
-            await send({"type": "http.response.body", "body": b"", "more_body": False})
+                # The stream's closing event goes out with the end of the body: one write, not two.
+                ended = self.last_event is not None and body.endswith(self.last_event)
+                await send({"type": "http.response.body", "body": body, "more_body": not ended})
+                if ended:
+                    break
+            if not ended:
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
         except asyncio.CancelledError:
             if not client_gone:
                 raise

@@ -128,9 +128,9 @@ def completion_input(request: CompletionRequest, tokenizer: ChatTokenizer,
             prompts.append(tuple(tokenizer.encode(item, add_special_tokens=True)))
             texts.append(item)
         else:
-            bad = [t for t in item if not 0 <= t < vocab_size]
-            if bad:
-                raise bad_request(f"token id {bad[0]} is out of vocabulary (size {vocab_size})", "prompt")
+            if item and (min(item) < 0 or max(item) >= vocab_size):  # C-speed scans; walk only to refuse
+                bad = next(t for t in item if not 0 <= t < vocab_size)
+                raise bad_request(f"token id {bad} is out of vocabulary (size {vocab_size})", "prompt")
             prompts.append(tuple(item))
             if request.echo:
                 texts.append(tokenizer.decode(list(item)))

@@ -29,6 +29,8 @@ from splitserve.router.tool_calls import ToolCallStream, parse_output
 logger = logging.getLogger(__name__)
 
 _OBJECTS = {"chat": ("chatcmpl", "chat.completion"), "completion": ("cmpl", "text_completion")}
+SSE_DONE = b"data: [DONE]\n\n"
+"""The last server-sent event of every stream, as OpenAI and vLLM end theirs."""
 
 
 class ServingTokenizer(Tokenizer, ChatTokenizer, Protocol):
@@ -224,7 +226,7 @@ class OpenAIServing:
         else:
             if inp.include_usage:
                 held += event([], True)
-        yield held + "data: [DONE]\n\n"
+        yield held + SSE_DONE.decode()
 
     def _tool_choice(self, inp: GenerationInput, delta: ChoiceDelta,
                      stream: ToolCallStream) -> dict[str, Any] | None:

@@ -111,3 +111,12 @@ async def test_a_stream_cut_while_writing_is_closed() -> None:
 
     await asyncio.wait_for(EventStreamResponse(events.run())({}, receive, send), timeout=5)
     assert events.ended == "closed"
+
+
+async def test_the_last_event_ends_the_body_in_the_same_write() -> None:
+    events = Events(["data: 1\n\n", "data: 2\n\ndata: [DONE]\n\n", "data: never\n\n"])
+    receive, send, sent = channel(asyncio.Event())
+    await EventStreamResponse(events.run(), last_event=b"data: [DONE]\n\n")({}, receive, send)
+    assert [(m["body"], m["more_body"]) for m in sent[1:]] == [
+        (b"data: 1\n\n", True), (b"data: 2\n\ndata: [DONE]\n\n", False)]
+    assert events.ended == "closed"  # nothing after the last event is read

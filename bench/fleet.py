@@ -71,6 +71,7 @@ from splitserve.sim.fleet_control import FleetControl  # noqa: E402
 from splitserve.sim.fleet_launch import (FleetSpec, Proc, RouterSpec, free_port,  # noqa: E402
                                          router_supports_file_discovery, start_fleet, start_router,
                                          wait_router_pods, write_json)
+from splitserve.sim.lean_http import LeanConnection  # noqa: E402
 from splitserve.sim.fleet_report import hit_rates, latency_summary, load_imbalance, percentile  # noqa: E402
 from splitserve.sim.replay_client import RequestResult, replay_sessions, stream_completion  # noqa: E402
 from splitserve.sim.workload import Turn, WorkloadSpec, build_sessions, num_requests  # noqa: E402
@@ -137,7 +138,9 @@ def _expected(tokenizer: Any):
 
 
 async def _added_latency(fleet: Fleet, url: str, samples: int) -> dict[str, float]:
-    """TTFT via the router minus a direct Prefill RPC (fresh prompts each)."""
+    """TTFT via the router minus a direct Prefill RPC (fresh prompts each).
+    The router's TTFT is taken with the lean client (what the router adds)
+    and with httpx (what a typical Python client sees: its own ~1 ms more)."""
     import httpx
 
     from splitserve.engine.sampling_params import SamplingParams
@@ -145,26 +148,36 @@ async def _added_latency(fleet: Fleet, url: str, samples: int) -> dict[str, floa
 
     prefill = (await fleet.control.addresses("prefill"))[0]
     pod = PodClient(prefill)
+    lean = LeanConnection(url)
     rng = random.Random(f"probe:{fleet.size}")
-    via, direct = [], []
+    via, via_httpx, direct = [], [], []
+
+    def fresh() -> tuple[int, ...]:
+        return tuple(rng.randrange(16, 256) for _ in range(256))
+
     async with httpx.AsyncClient(timeout=60) as client:
         for i in range(samples):
-            prompt = tuple(rng.randrange(16, 256) for _ in range(256))
-            result = RequestResult(-1, i, 0, len(prompt), 1)
-            await stream_completion(client, url, fleet.model, prompt, 1, result)
+            result = RequestResult(-1, i, 0, 256, 1)
+            await lean.stream_completion(fleet.model, fresh(), 1, result)
             if result.ok and result.ttft_s is not None:
                 via.append(result.ttft_s)
-            prompt = tuple(rng.randrange(16, 256) for _ in range(256))
+            result = RequestResult(-1, i, 0, 256, 1)
+            await stream_completion(client, url, fleet.model, fresh(), 1, result)
+            if result.ok and result.ttft_s is not None:
+                via_httpx.append(result.ttft_s)
             start = time.perf_counter()
-            await pod.prefill(f"probe-{fleet.size}-{i}-{time.time_ns()}", prompt,
+            await pod.prefill(f"probe-{fleet.size}-{i}-{time.time_ns()}", fresh(),
                               SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True))
             direct.append(time.perf_counter() - start)
+    await lean.close()
     await pod.close()
     ms = 1000.0
     return {"samples": samples, "router_ttft_p50_ms": percentile(via, 50) * ms,
             "direct_prefill_p50_ms": percentile(direct, 50) * ms,
             "added_p50_ms": (percentile(via, 50) - percentile(direct, 50)) * ms,
-            "added_p99_ms": (percentile(via, 99) - percentile(direct, 99)) * ms}
+            "added_p99_ms": (percentile(via, 99) - percentile(direct, 99)) * ms,
+            "added_p50_ms_httpx": (percentile(via_httpx, 50) - percentile(direct, 50)) * ms,
+            "added_p99_ms_httpx": (percentile(via_httpx, 99) - percentile(direct, 99)) * ms}
 
 
 async def _churn(fleet: Fleet, duration: float) -> list[str]:
@@ -238,34 +251,35 @@ async def run_one(fleet: Fleet, policy: str, replicas: int, args: argparse.Names
 
 
 async def saturation(fleet: Fleet, args: argparse.Namespace) -> dict[str, Any]:
-    """Requests/s of one router, closed loop of 32 clients, 2 output tokens."""
-    import httpx
-
+    """Requests/s of one router, closed loop of 32 lean clients (one
+    keep-alive connection each), 2 output tokens."""
     await fleet.control.restart()
     [(proc, spec)] = await fleet.routers("kv_affinity", 1, f"{fleet.size}-saturation")
     url = f"http://127.0.0.1:{spec.port}"
     turns = [t for s in build_sessions(_workload(args, args.seed + 7, 30.0)) for t in s.turns]
     done, failed, stop_at = 0, 0, 0.0
     try:
-        async with httpx.AsyncClient(timeout=120, limits=httpx.Limits(max_connections=64)) as client:
-            counter = iter(range(10**9))
+        connections = [LeanConnection(url) for _ in range(32)]
+        counter = iter(range(10**9))
 
-            async def worker() -> None:
-                nonlocal done, failed
-                while time.perf_counter() < stop_at:
-                    turn = turns[next(counter) % len(turns)]
-                    result = RequestResult(turn.session_id, turn.turn, 0, len(turn.prompt), 2)
-                    await stream_completion(client, url, fleet.model, turn.prompt, 2, result)
-                    done += result.ok
-                    failed += not result.ok
+        async def worker(connection: LeanConnection) -> None:
+            nonlocal done, failed
+            while time.perf_counter() < stop_at:
+                turn = turns[next(counter) % len(turns)]
+                result = RequestResult(turn.session_id, turn.turn, 0, len(turn.prompt), 2)
+                await connection.stream_completion(fleet.model, turn.prompt, 2, result)
+                done += result.ok
+                failed += not result.ok
 
-            stop_at = time.perf_counter() + 3.0  # warm up
-            await asyncio.gather(*(worker() for _ in range(32)))
-            done = failed = 0
-            cpu0, start = proc.cpu_seconds(), time.perf_counter()
-            stop_at = start + args.sat_seconds
-            await asyncio.gather(*(worker() for _ in range(32)))
-            wall, cpu = time.perf_counter() - start, proc.cpu_seconds() - cpu0
+        stop_at = time.perf_counter() + 3.0  # warm up
+        await asyncio.gather(*(worker(c) for c in connections))
+        done = failed = 0
+        cpu0, start = proc.cpu_seconds(), time.perf_counter()
+        stop_at = start + args.sat_seconds
+        await asyncio.gather(*(worker(c) for c in connections))
+        wall, cpu = time.perf_counter() - start, proc.cpu_seconds() - cpu0
+        for connection in connections:
+            await connection.close()
     finally:
         proc.stop(60.0)
     row = {"size": fleet.size, "requests": done, "failed": failed, "wall_s": wall, "req_per_s": done / wall,

@@ -16,6 +16,7 @@ import json
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import httpx
 
@@ -43,55 +44,79 @@ Expected = Callable[[Turn], list[str]]
 """The token strings a turn must produce (for the exactness check)."""
 
 
+def completion_body(model: str, prompt: Sequence[int], max_tokens: int) -> dict[str, Any]:
+    """The streamed, greedy, ignore_eos completion every replayed turn sends."""
+    return {"model": model, "prompt": list(prompt), "max_tokens": max_tokens, "temperature": 0.0,
+            "stream": True, "ignore_eos": True, "logprobs": 0, "stream_options": {"include_usage": True}}
+
+
+class StreamTally:
+    """Folds one streamed completion's SSE ``data:`` payloads into ``result``
+    (TTFT, ITLs, tokens); ``close`` judges it. Any HTTP client feeds it."""
+
+    def __init__(self, result: RequestResult, max_tokens: int) -> None:
+        self.result, self.max_tokens = result, max_tokens
+        self.start = self.last = time.perf_counter()
+        self.finish: str | None = None
+        self.usage_tokens: int | None = None
+
+    def feed(self, data: str) -> bool:
+        """Take one payload; False once the stream is over ([DONE] or an error event)."""
+        if data == "[DONE]":
+            return False
+        chunk = json.loads(data)
+        result = self.result
+        if "error" in chunk:
+            result.error = f"stream error: {chunk['error'].get('message', chunk['error'])}"
+            return False
+        if chunk.get("usage"):
+            self.usage_tokens = chunk["usage"]["completion_tokens"]
+        for choice in chunk.get("choices") or ():
+            tokens = (choice.get("logprobs") or {}).get("tokens") or []
+            now = time.perf_counter()
+            if tokens:
+                if result.ttft_s is None:
+                    result.ttft_s = now - self.start
+                else:
+                    result.itls_s.extend([(now - self.last) / len(tokens)] * len(tokens))
+                self.last = now
+                result.tokens.extend(tokens)
+            self.finish = choice.get("finish_reason") or self.finish
+        return True
+
+    def close(self) -> None:
+        """Set e2e time and ``ok`` (or why not) once the stream ended."""
+        result = self.result
+        result.e2e_s = time.perf_counter() - self.start
+        if result.error:
+            return
+        if self.finish is None:
+            result.error = "the stream ended without a finish_reason"
+        elif len(result.tokens) != self.max_tokens or (self.usage_tokens is not None
+                                                       and self.usage_tokens != self.max_tokens):
+            result.error = f"{len(result.tokens)} tokens (usage {self.usage_tokens}), expected {self.max_tokens}"
+        else:
+            result.ok = True
+
+
 async def stream_completion(client: httpx.AsyncClient, base_url: str, model: str, prompt: Sequence[int],
                             max_tokens: int, result: RequestResult, timeout_s: float = 120.0) -> None:
     """Send one streamed completion; fill ``result`` (never raises for a
     failed request: the failure is recorded)."""
-    body = {"model": model, "prompt": list(prompt), "max_tokens": max_tokens, "temperature": 0.0,
-            "stream": True, "ignore_eos": True, "logprobs": 0, "stream_options": {"include_usage": True}}
-    start = time.perf_counter()
-    last = start
-    finish: str | None = None
-    usage_tokens: int | None = None
+    tally = StreamTally(result, max_tokens)
     try:
-        async with client.stream("POST", f"{base_url}/v1/completions", json=body, timeout=timeout_s) as response:
+        async with client.stream("POST", f"{base_url}/v1/completions", json=completion_body(model, prompt, max_tokens),
+                                 timeout=timeout_s) as response:
             if response.status_code != 200:
                 result.error = f"HTTP {response.status_code}: {(await response.aread())[:200]!r}"
                 return
             async for line in response.aiter_lines():
-                if not line.startswith("data: "):
-                    continue
-                data = line[6:]
-                if data == "[DONE]":
+                if line.startswith("data: ") and not tally.feed(line[6:]):
                     break
-                chunk = json.loads(data)
-                if "error" in chunk:
-                    result.error = f"stream error: {chunk['error'].get('message', chunk['error'])}"
-                    return
-                if chunk.get("usage"):
-                    usage_tokens = chunk["usage"]["completion_tokens"]
-                for choice in chunk.get("choices") or ():
-                    tokens = (choice.get("logprobs") or {}).get("tokens") or []
-                    now = time.perf_counter()
-                    if tokens:
-                        if result.ttft_s is None:
-                            result.ttft_s = now - start
-                        else:
-                            result.itls_s.extend([(now - last) / len(tokens)] * len(tokens))
-                        last = now
-                        result.tokens.extend(tokens)
-                    finish = choice.get("finish_reason") or finish
     except (httpx.HTTPError, json.JSONDecodeError, KeyError) as exc:
         result.error = f"{type(exc).__name__}: {exc}"
-        return
     finally:
-        result.e2e_s = time.perf_counter() - start
-    if finish is None:
-        result.error = "the stream ended without a finish_reason"
-    elif len(result.tokens) != max_tokens or (usage_tokens is not None and usage_tokens != max_tokens):
-        result.error = f"{len(result.tokens)} tokens (usage {usage_tokens}), expected {max_tokens}"
-    else:
-        result.ok = True
+        tally.close()
 
 
 async def replay_sessions(sessions: Sequence[Session], base_urls: Sequence[str], model: str, *,

@@ -127,7 +127,7 @@ class KvAffinityPolicy:
         _require(pods)
         order = rendezvous_order(request.affinity_key, pods)
         candidates = _under_bound(order, self.load_factor)
-        matches = {p.pod_id: index.match_length(p.pod_id, request.block_hashes) for p in candidates}
+        matches = index.match_lengths((p.pod_id for p in candidates), request.block_hashes)
         if max(matches.values()) == 0:
             chosen = candidates[0]
             reason = "hash" if chosen is order[0] else "bounded"
@@ -206,7 +206,7 @@ class DecodePolicy:
                index: PrefixIndexMap) -> RouteDecision:
         _require(pods, "decode")
         order = rendezvous_order(request.affinity_key, pods)
-        matches = {p.pod_id: index.match_length(p.pod_id, request.block_hashes) for p in order}
+        matches = index.match_lengths((p.pod_id for p in order), request.block_hashes)
         needed = -(-(request.num_prompt_tokens + 1) // self.block_size)
 
         def fits(pod: PodState) -> bool:

@@ -44,6 +44,26 @@ def test_prefix_index_matches_leading_chain_and_is_bounded() -> None:
     assert index.match_length([b"c", b"d"]) == 2 and b"b" not in index
 
 
+_OPS = st.lists(st.tuples(st.sampled_from(["stored", "evicted", "drop"]), st.sampled_from(PODS),
+                          st.lists(st.sampled_from([b"a", b"b", b"c", b"d", b"e", b"f"]), max_size=5)),
+                max_size=40)
+
+
+@settings(max_examples=200, deadline=None)
+@given(ops=_OPS, query=st.lists(st.sampled_from([b"a", b"b", b"c", b"d", b"e", b"f"]), max_size=6))
+def test_one_walk_for_every_pod_equals_each_pod_alone(ops, query) -> None:
+    indexes = PrefixIndexMap(max_blocks_per_pod=4)  # small: LRU evictions happen too
+    for op, pod, hashes in ops:
+        if op == "drop":
+            indexes.drop_pod(pod)
+        else:
+            getattr(indexes.for_pod(pod), op)(hashes)
+    assert indexes.match_lengths(PODS, query) == {p: indexes.match_length(p, query) for p in PODS}
+    for pod in PODS:
+        indexes.drop_pod(pod)
+    assert indexes._holders == {}  # nothing left behind by any path
+
+
 def test_shared_system_prompt_goes_to_the_same_pod() -> None:
     router = make_router()
     system = list(range(100, 164))  # 16 blocks

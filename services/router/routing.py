@@ -54,7 +54,10 @@ class PodRouter:
         pool, policy = self.pools[role], self.policies[role]
         decision = policy.choose(request, pool.ready_pods(), self.indexes[role])
         pool.note_assigned(decision.pod_id, request.num_prompt_tokens)
-        self.indexes[role].for_pod(decision.pod_id).stored(request.block_hashes)
+        # The matched blocks are in the index already; re-storing them would only
+        # refresh their place in the router's LRU, and the pod's own evictions
+        # (KV events) are what really remove blocks.
+        self.indexes[role].for_pod(decision.pod_id).stored(request.block_hashes[decision.matched_blocks:])
         self.metrics.observe_routing(role, policy.name, decision.pod_id,
                                      decision.matched_blocks, len(request.block_hashes))
         return decision

@@ -35,10 +35,13 @@ client saw them (simulated model time + every real hop). Router CPU per
 request (user+sys of the router processes during the replay, minus their
 idle rate, / requests). Router added latency (1 replica): TTFT through the
 router of a fresh 256-token prompt minus a direct Prefill RPC of another
-fresh 256-token prompt to a prefill pod, sequential probes, p50/p99.
-Requests/s one router sustains: closed loop of 32 clients (workload prompts,
-2 output tokens) for ``--sat-seconds``; also per router CPU-second (its
-rate on a full core). Churn run: 10% of the pods replaced per minute
+fresh 256-token prompt to a prefill pod, sequential probes, p50/p99, with
+the lean client (``splitserve.sim.lean_http``: what the router adds) and
+with httpx (what a typical Python client also pays, ~1 ms more). Requests/s
+one router sustains: closed loop of 32 lean clients (workload prompts, 2
+output tokens) for ``--sat-seconds`` against pods running 1000x faster than
+the latency model (the router must be what runs out); also per router
+CPU-second (its rate on a full core). Churn run: 10% of the pods replaced per minute
 (drained with 2 s grace, new pods join through the discovery file). Fault
 run: injected faults (RPC errors, broken decode streams, failed KV reads,
 prefill deaths mid-handoff, leases expiring at once, one pod 4x slower).
@@ -81,6 +84,7 @@ POLICIES = ("kv_affinity", "consistent_hash", "least_loaded", "round_robin")
 # decode steps, KV at 20 GB/s (the tiny model's KV layout: 64 KiB per block).
 PRESET = ("--prefill-overhead-ms", "8", "--prefill-per-token-ms", "0.08", "--decode-base-ms", "15",
           "--decode-per-seq-ms", "0.1", "--kv-overhead-ms", "1", "--kv-bandwidth-gbps", "20", "--jitter", "0.05")
+SATURATION_SPEEDUP = 1000.0
 FAULTS = {"rpc_error_rate": 0.02, "rpcs": ["Prefill", "Decode", "ClaimKV"], "decode_break_rate": 0.02,
           "kv_failure_rate": 0.05, "prefill_death_rate": 0.02, "lease_expiry_rate": 0.02}
 
@@ -252,8 +256,12 @@ async def run_one(fleet: Fleet, policy: str, replicas: int, args: argparse.Names
 
 async def saturation(fleet: Fleet, args: argparse.Namespace) -> dict[str, Any]:
     """Requests/s of one router, closed loop of 32 lean clients (one
-    keep-alive connection each), 2 output tokens."""
+    keep-alive connection each), 2 output tokens, against pods made
+    ``SATURATION_SPEEDUP`` times faster than the latency model so that the
+    router, not the simulated accelerators, is what runs out."""
     await fleet.control.restart()
+    for pod in await fleet.control.pods():
+        await fleet.control.set_slow(pod["name"], 1.0 / SATURATION_SPEEDUP)
     [(proc, spec)] = await fleet.routers("kv_affinity", 1, f"{fleet.size}-saturation")
     url = f"http://127.0.0.1:{spec.port}"
     turns = [t for s in build_sessions(_workload(args, args.seed + 7, 30.0)) for t in s.turns]

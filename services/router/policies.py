@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from fractions import Fraction
@@ -78,6 +79,30 @@ def rendezvous_order(key: bytes, pods: Sequence[PodState]) -> list[PodState]:
     return sorted(pods, key=lambda p: (-rendezvous_weight(key, p.pod_id), p.pod_id))
 
 
+class RendezvousOrders:
+    """``rendezvous_order``, remembered per affinity key while the pod set is
+    the same: a system prompt's key comes back request after request, and at
+    hundreds of pods its order costs a hash per pod plus a sort each time.
+    At most ``max_keys`` keys, least recently used out."""
+
+    def __init__(self, max_keys: int = 4096) -> None:
+        self.max_keys = max_keys
+        self._orders: OrderedDict[bytes, tuple[tuple[str, ...], list[int]]] = OrderedDict()
+
+    def order(self, key: bytes, pods: Sequence[PodState]) -> list[PodState]:
+        ids = tuple(p.pod_id for p in pods)
+        known = self._orders.get(key)
+        if known is not None and known[0] == ids:
+            self._orders.move_to_end(key)
+            return [pods[i] for i in known[1]]
+        positions = sorted(range(len(ids)), key=lambda i: (-rendezvous_weight(key, ids[i]), ids[i]))
+        self._orders[key] = (ids, positions)
+        self._orders.move_to_end(key)
+        if len(self._orders) > self.max_keys:
+            self._orders.popitem(last=False)
+        return [pods[i] for i in positions]
+
+
 def load_bound(pods: Sequence[PodState], load_factor: Fraction) -> int:
     """Most requests one pod may hold after this assignment:
     ceil(c * (total in flight + 1) / pods). With c >= 1 some pod is always under it."""
@@ -119,13 +144,14 @@ class KvAffinityPolicy:
                  affinity_weight: float = 1.0, load_weight: float = 1.0) -> None:
         self.block_size = block_size
         self.load_factor = _factor(load_factor)
+        self._orders = RendezvousOrders()
         self.affinity_weight = affinity_weight
         self.load_weight = load_weight
 
     def choose(self, request: RouteRequest, pods: Sequence[PodState],
                index: PrefixIndexMap) -> RouteDecision:
         _require(pods)
-        order = rendezvous_order(request.affinity_key, pods)
+        order = self._orders.order(request.affinity_key, pods)
         candidates = _under_bound(order, self.load_factor)
         matches = index.match_lengths((p.pod_id for p in candidates), request.block_hashes)
         if max(matches.values()) == 0:
@@ -148,11 +174,12 @@ class ConsistentHashPolicy:
 
     def __init__(self, load_factor: float = 1.25) -> None:
         self.load_factor = _factor(load_factor)
+        self._orders = RendezvousOrders()
 
     def choose(self, request: RouteRequest, pods: Sequence[PodState],
                index: PrefixIndexMap) -> RouteDecision:
         _require(pods)
-        order = rendezvous_order(request.affinity_key, pods)
+        order = self._orders.order(request.affinity_key, pods)
         chosen = _under_bound(order, self.load_factor)[0]
         return RouteDecision(chosen.pod_id, index.match_length(chosen.pod_id, request.block_hashes),
                              "hash" if chosen is order[0] else "bounded")
@@ -163,10 +190,13 @@ class LeastLoadedPolicy:
 
     name = "least_loaded"
 
+    def __init__(self) -> None:
+        self._orders = RendezvousOrders()
+
     def choose(self, request: RouteRequest, pods: Sequence[PodState],
                index: PrefixIndexMap) -> RouteDecision:
         _require(pods)
-        order = rendezvous_order(request.affinity_key, pods)
+        order = self._orders.order(request.affinity_key, pods)
         chosen = min(order, key=lambda p: (p.load.queued_prompt_tokens, p.load.num_requests))
         return RouteDecision(chosen.pod_id, index.match_length(chosen.pod_id, request.block_hashes),
                              "least_loaded")
@@ -201,11 +231,12 @@ class DecodePolicy:
     def __init__(self, block_size: int, load_factor: float = 1.25) -> None:
         self.block_size = block_size
         self.load_factor = _factor(load_factor)
+        self._orders = RendezvousOrders()
 
     def choose(self, request: RouteRequest, pods: Sequence[PodState],
                index: PrefixIndexMap) -> RouteDecision:
         _require(pods, "decode")
-        order = rendezvous_order(request.affinity_key, pods)
+        order = self._orders.order(request.affinity_key, pods)
         matches = index.match_lengths((p.pod_id for p in order), request.block_hashes)
         needed = -(-(request.num_prompt_tokens + 1) // self.block_size)
 

@@ -11,7 +11,8 @@ from splitserve.router.metrics import RouterMetrics
 from splitserve.router.pod_state import PodLoad, PodPool, PodState
 from splitserve.router.policies import (ConsistentHashPolicy, DecodePolicy, KvAffinityPolicy,
                                         LeastLoadedPolicy, NoReadyPodError, RoundRobinPolicy,
-                                        RouteRequest, load_bound, make_policy)
+                                        RendezvousOrders, RouteRequest, load_bound, make_policy,
+                                        rendezvous_order)
 from splitserve.router.prefix_index import PrefixIndex, PrefixIndexMap
 from splitserve.router.routing import PodRouter
 
@@ -186,3 +187,14 @@ def test_bounded_load_invariant(loads: list[int], factor: float, key: bytes, cac
     chosen = make_policy(policy, BLOCK, factor).choose(request, pods, index)
     load = next(p.load.num_requests for p in pods if p.pod_id == chosen.pod_id)
     assert load + 1 <= load_bound(pods, ConsistentHashPolicy(factor).load_factor)
+
+
+@settings(max_examples=100, deadline=None)
+@given(rounds=st.lists(st.tuples(st.sampled_from([b"k1", b"k2", b"k3"]),
+                                 st.lists(st.sampled_from(PODS + ["pod-e", "pod-f"]), unique=True, min_size=1)),
+                       max_size=12))
+def test_remembered_rendezvous_orders_equal_fresh_ones_as_pods_come_and_go(rounds) -> None:
+    orders = RendezvousOrders(max_keys=2)
+    for key, ids in rounds:
+        pods = [PodState(pod_id) for pod_id in sorted(ids)]
+        assert orders.order(key, pods) == rendezvous_order(key, pods)

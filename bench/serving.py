@@ -225,18 +225,46 @@ def run_deployment(name: str, args: argparse.Namespace, model: str, rates: list[
     try:
         warm = serving_workload(100.0, 2, seed=99, **workload_kwargs)
         asyncio.run(replay(cluster.base_url, model, warm.requests))
-        for rate in rates:
+        for rate in (rates if args.client in ("ours", "both") else ()):
             workload = serving_workload(rate, args.num_requests, seed=args.seed, **workload_kwargs)
             samples, duration = asyncio.run(replay(cluster.base_url, model, workload.requests))
             result = summarize(name, rate, samples, duration)
             results.append(result)
             print(f"[{name}] {rate:g} req/s: TTFT p50 {result.ttft_p50_ms:.1f} ms, "
                   f"e2e p50 {result.e2e_p50_ms:.1f} ms, {result.output_tok_per_s:.1f} tok/s", flush=True)
+        if args.client in ("vllm", "both"):
+            root = cluster.base_url.removesuffix("/v1")  # vllm bench takes the server root
+            results += vllm_bench_rows(name, root, model, model, rates, args)
         if overhead:
             extra = asyncio.run(router_overhead(cluster, args.overhead_samples))
     finally:
         cluster.stop()
     return results, extra
+
+
+def vllm_bench_rows(name: str, base_url: str, served_model: str, model_dir: str, rates: list[float],
+                    args: argparse.Namespace) -> list[RateResult]:
+    """The same deployment measured by vLLM's own client (``vllm bench serve``, random prompts of
+    ``--bench-input-len`` tokens, ``--bench-output-len`` out, ignore_eos, greedy), one row per rate."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from bench.peers.vllm_bench_client import VllmBenchSpec, run_vllm_bench
+
+    rows = []
+    for rate in rates:
+        spec = VllmBenchSpec(base_url, served_model, model_dir, rate, args.bench_prompts, args.bench_input_len,
+                             args.bench_output_len, seed=args.seed)
+        r = run_vllm_bench(spec)
+        if not int(r["completed"]):
+            raise RuntimeError(f"vllm bench serve: every request to {base_url} failed ({r.get('errors', [])[:1]})")
+        latencies = {f"{ours}_{q}_ms": float(r[f"{q}_{theirs}_ms"])
+                     for ours, theirs in (("ttft", "ttft"), ("itl", "itl"), ("e2e", "e2el")) for q in ("p50", "p99")}
+        row = RateResult(f"{name} [vllm bench]", rate, int(r["completed"]) + int(r.get("failed", 0)),
+                         int(r.get("failed", 0)), round(float(r["duration"]), 3),
+                         output_tok_per_s=float(r["output_throughput"]), **latencies)
+        rows.append(row)
+        print(f"[{row.deployment}] {rate:g} req/s: TTFT p50 {row.ttft_p50_ms:.1f} ms, ITL p50 {row.itl_p50_ms:.1f} ms, "
+              f"e2e p50 {row.e2e_p50_ms:.1f} ms", flush=True)
+    return rows
 
 
 def print_table(results: list[RateResult]) -> None:
@@ -263,6 +291,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--log-dir", type=Path, default=None)
     parser.add_argument("--peer", choices=("vllm",), default=None,
                         help="also vLLM's CPU build (unified, and 1P1D via NixlConnector) on the 56M bench model")
+    parser.add_argument("--client", choices=("ours", "vllm", "both"), default="ours",
+                        help="load generator: ours (openai SDK, the chat workload), vllm (vLLM's own `vllm bench "
+                             "serve` from the peer venv, random prompts) or both")
+    parser.add_argument("--unified-only", action="store_true",
+                        help="with --peer: only the unified deployments (splitserve --unified 1, vLLM's server)")
+    parser.add_argument("--bench-input-len", type=int, default=256, help="vllm bench: prompt tokens")
+    parser.add_argument("--bench-output-len", type=int, default=64, help="vllm bench: output tokens")
+    parser.add_argument("--bench-prompts", type=int, default=None, help="vllm bench: requests per rate")
     args = parser.parse_args(argv)
     from splitserve.cli.up_command import resolve_model
 
@@ -275,6 +311,7 @@ def main(argv: list[str] | None = None) -> int:
     rates = args.rates or ([2.0, 8.0] if args.quick else [1.0, 2.0, 4.0, 8.0, 16.0])
     args.num_requests = args.num_requests or (16 if args.quick else 64)
     args.overhead_samples = args.overhead_samples or (10 if args.quick else 50)
+    args.bench_prompts = args.bench_prompts or args.num_requests
     # Word counts sized for the byte-level tiny tokenizer (~5 tokens per word).
     workload_kwargs: dict[str, Any] = (
         dict(system_prompt_words=60, document_words=(150, 250), user_words=(8, 24),
@@ -284,7 +321,9 @@ def main(argv: list[str] | None = None) -> int:
     results: list[RateResult] = []
     overhead = None
     startup: dict[str, float] = {}
-    for name in (PEER_DEPLOYMENTS if args.peer else DEPLOYMENTS):
+    names = [n for n in (PEER_DEPLOYMENTS if args.peer else DEPLOYMENTS)
+             if not (args.unified_only and "unified" not in n)]
+    for name in names:
         rows, extra = run_deployment(name, args, model, rates, workload_kwargs, overhead="1P+1D" in name)
         results += rows
         overhead = overhead or extra
@@ -292,8 +331,11 @@ def main(argv: list[str] | None = None) -> int:
         sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
         from bench.peers.serving_peer import run_vllm_deployments
 
+        second = ((lambda name, url, served: vllm_bench_rows(name, url, served, model, rates, args))
+                  if args.client in ("vllm", "both") else None)
         rows, startup = run_vllm_deployments(Path(model), rates, args.num_requests, args.seed, workload_kwargs,
-                                             log_dir=args.log_dir)
+                                             log_dir=args.log_dir, ours=args.client in ("ours", "both"),
+                                             second_client=second, pd_pair=not args.unified_only)
         results += rows
     print(f"\nmodel {model}; workload {workload_kwargs}; {args.num_requests} requests per rate; "
           f"host {platform.machine()} {platform.processor() or ''}".rstrip())

@@ -75,15 +75,19 @@ def _client(base_url: str) -> Any:
 
 def run_vllm_deployments(model_dir: Path, rates: list[float], num_requests: int, seed: int,
                          workload_kwargs: dict[str, Any], log_dir: Path | None = None,
-                         dtype: str = "float32") -> tuple[list[RateResult], dict[str, float]]:
-    """vLLM unified (cores 0-1), then vLLM 1P1D (core 0 + core 1): every rate; returns rows and startup times."""
+                         dtype: str = "float32", ours: bool = True,
+                         second_client: Callable[[str, str, str], list[RateResult]] | None = None,
+                         pd_pair: bool = True) -> tuple[list[RateResult], dict[str, float]]:
+    """vLLM unified (cores 0-1), then vLLM 1P1D (core 0 + core 1): every rate; returns rows and startup times.
+    ``ours``: replay serving.py's workload; ``second_client(name, base_url, served_model)``: another
+    client's rows for the unified server (``vllm bench serve`` cannot drive the two-step 1P1D pair)."""
     results: list[RateResult] = []
     startup: dict[str, float] = {}
 
     def rates_loop(name: str, make: Callable[[], Any], model: str, one: Any) -> None:
         warm = serving_workload(100.0, 2, seed=99, **workload_kwargs)
         asyncio.run(_replay_with(make, model, warm.requests, one))
-        for rate in rates:
+        for rate in (rates if ours else ()):
             wl = serving_workload(rate, num_requests, seed=seed, **workload_kwargs)
             samples, duration = asyncio.run(_replay_with(make, model, wl.requests, one))
             row = summarize(name, rate, samples, duration)
@@ -98,6 +102,10 @@ def run_vllm_deployments(model_dir: Path, rates: list[float], num_requests: int,
                                                    cpu_bind="0-1", kv_cache_gib=VLLM_KV_GIB))
         startup["vllm unified"] = time.monotonic() - t0
         rates_loop("vllm unified", lambda: _client(s.base_url), s.config.model_name, one_request)
+        if second_client is not None:
+            results += second_client("vllm unified", s.base_url, s.config.model_name)
+    if not pd_pair:
+        return results, startup
     print("[vllm 1P1D] starting prefill (core 0) + decode (core 1) with NixlConnector ...", flush=True)
     t0 = time.monotonic()
     with VllmServers(log_dir=log_dir) as servers:

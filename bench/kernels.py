@@ -17,6 +17,12 @@ call including its one host sync.
 CLI: ``python bench/kernels.py [--quick] [--json PATH]``. Without CUDA it says
 so and exits 0; with ``--quick`` it first runs a tiny interpreter smoke test
 (correctness only, no timings).
+
+``--cpu`` times the C kernels of the CPU backend instead, per build level
+(``bench/cpu_kernels.py``): ``--level NAME`` (repeatable: native, x86-64-v4,
+x86-64-v3, x86-64-v2; default every one this CPU runs) or ``--library FILE``
+(any built library, e.g. an older one to compare), ``--threads N``,
+``--rounds N``.
 """
 from __future__ import annotations
 
@@ -25,9 +31,13 @@ import json
 import os
 import sys
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Callable
 
 import torch
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 NUM_HEADS, NUM_KV_HEADS, HEAD_DIM, BLOCK_SIZE, NUM_LAYERS = 32, 8, 128, 16, 2
 DTYPE = torch.bfloat16
@@ -196,7 +206,17 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="a few shapes (< 1 minute)")
     parser.add_argument("--json", metavar="PATH", help="write the rows, copy bandwidth and targets as JSON")
+    parser.add_argument("--cpu", action="store_true", help="time the C kernels of the CPU backend per build level")
+    parser.add_argument("--level", action="append", help="with --cpu: a build level to time (repeatable)")
+    parser.add_argument("--library", action="append", help="with --cpu: a built library file to time (repeatable)")
+    parser.add_argument("--threads", type=int, default=2, help="with --cpu: torch threads (default 2)")
+    parser.add_argument("--cache-dir", type=Path, default=None, help="with --cpu: the kernels' cache dir")
+    parser.add_argument("--rounds", type=int, default=3, help="with --cpu: turns each build takes per shape")
     ns = parser.parse_args(argv)
+    if ns.cpu:
+        from bench.cpu_kernels import cpu_main
+
+        return cpu_main(ns)
     if not torch.cuda.is_available():
         print("no CUDA device: GPU timings need a GPU (bench/kernels.py on one produces the figures)")
         if ns.quick:

@@ -4,19 +4,19 @@ The torch path gathers every sequence's context into a dense copy per layer
 and step; on a CPU that copy (and its transpose) costs more than the
 attention math. The C kernel reads K/V blocks where they lie in the cache.
 ``CPUPagedAttention.load()`` loads a prebuilt library or builds it on first
-use (``cpu_library``) and returns None (saying why in the log) when neither
-works; callers then keep the torch path.
+use (``cpu_library``; ``$SPLITSERVE_CPU_KERNEL_LEVEL`` forces a build) and
+returns None (saying why in the log) when neither works; callers then keep
+the torch path.
 """
 from __future__ import annotations
 
 import ctypes
 import logging
-import subprocess
 from pathlib import Path
 
 import torch
 
-from splitserve.kernels.cpu_library import library_path
+from splitserve.kernels.cpu_library import level_of, open_library
 
 logger = logging.getLogger(__name__)
 
@@ -28,9 +28,17 @@ SUPPORTED_DTYPES = tuple(_DTYPE_CODES)
 
 
 class CPUPagedAttention:
-    """ctypes front of the compiled kernel; see ``forward``."""
+    """ctypes front of the compiled kernel; see ``forward``. ``level`` is the
+    build loaded (``native`` or a portable level, e.g. ``x86-64-v3``) and
+    ``simd`` the code path that build compiled (``avx512``, ``avx2`` or
+    ``generic``)."""
 
     def __init__(self, library: ctypes.CDLL) -> None:
+        self.level = level_of(Path(library._name))
+        simd = library.splitserve_kernel_simd
+        simd.argtypes = []
+        simd.restype = ctypes.c_char_p
+        self.simd: str = simd().decode()
         fn = library.splitserve_paged_attention
         i64, i32p = ctypes.c_int64, ctypes.POINTER(ctypes.c_int32)
         fn.argtypes = [
@@ -58,15 +66,17 @@ class CPUPagedAttention:
         return bool(self._can_tile(head_dim, block_size))
 
     @classmethod
-    def load(cls, cache_dir: Path | None = None) -> CPUPagedAttention | None:
+    def load(cls, cache_dir: Path | None = None, level: str | None = None) -> CPUPagedAttention | None:
         """Load a prebuilt library this CPU runs, else build (once per source, flags and CPU)
-        and load; None if neither works."""
-        try:
-            return cls(ctypes.CDLL(str(library_path(cache_dir))))
-        except (OSError, subprocess.CalledProcessError, FileNotFoundError) as exc:
-            detail = getattr(exc, "stderr", None) or exc
-            logger.warning("CPU attention kernel unavailable, using the torch path: %s", detail)
+        and load; None if neither works. ``level`` (default
+        ``$SPLITSERVE_CPU_KERNEL_LEVEL``) forces a build; a forced one that
+        cannot be had raises (``cpu_library.open_library``)."""
+        library = open_library("CPU attention kernel", cache_dir, level)
+        if library is None:
             return None
+        kernel = cls(library)
+        logger.info("CPU kernels: %s build (%s path), %s", kernel.level, kernel.simd, library._name)
+        return kernel
 
     def forward(self, query: torch.Tensor, kv_cache: torch.Tensor, layer: int, block_tables: torch.Tensor,
                 seq_lens: torch.Tensor, query_start_loc: torch.Tensor, scale: float, max_seq_len: int,

@@ -2,15 +2,11 @@
 from __future__ import annotations
 
 import ctypes
-import logging
-import subprocess
 from pathlib import Path
 
 import torch
 
-from splitserve.kernels.cpu_library import library_path
-
-logger = logging.getLogger(__name__)
+from splitserve.kernels.cpu_library import open_library
 
 _DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1}
 
@@ -27,14 +23,11 @@ class CPULayerOps:
         self._rope_store = fn
 
     @classmethod
-    def load(cls, cache_dir: Path | None = None) -> CPULayerOps | None:
+    def load(cls, cache_dir: Path | None = None, level: str | None = None) -> CPULayerOps | None:
         """Load a prebuilt library this CPU runs, else build (once) and load; None, with the
-        reason logged, if neither works."""
-        try:
-            return cls(ctypes.CDLL(str(library_path(cache_dir))))
-        except (OSError, subprocess.CalledProcessError, FileNotFoundError) as exc:
-            logger.warning("CPU layer ops unavailable, using torch ops: %s", getattr(exc, "stderr", None) or exc)
-            return None
+        reason logged, if neither works. ``level`` as in ``CPUPagedAttention.load``."""
+        library = open_library("CPU layer ops", cache_dir, level)
+        return None if library is None else cls(library)
 
     def rope_store(self, qkv: torch.Tensor, num_heads: int, num_kv_heads: int, cos_cache: torch.Tensor,
                    sin_cache: torch.Tensor, positions: torch.Tensor, kv_cache: torch.Tensor,

@@ -13,8 +13,12 @@ Two kinds of build live in ``<cache dir>/cpu-kernels/``:
 ``library_path`` (what the kernels' ``load()`` calls) takes a native build of
 this CPU if one exists, else the best portable level this CPU runs, and only
 when neither exists compiles the native build, which needs ``$CC`` (else
-``cc``) on PATH and a writable cache dir. Load the library after torch so that
-its OpenMP runtime is torch's (same soname, so the loader reuses it).
+``cc``) on PATH and a writable cache dir. ``$SPLITSERVE_CPU_KERNEL_LEVEL``
+(``auto``, the default; ``native``; or a portable level such as
+``x86-64-v3``) forces one build instead, found or compiled, so every code path
+of the kernels (AVX-512, AVX2 + FMA, generic C) can be run on a CPU that has
+the best one. Load the library after torch so that its OpenMP runtime is
+torch's (same soname, so the loader reuses it).
 
 Flags differ per source: the attention kernel may reassociate its sums
 (``-ffast-math``; its results are compared with a tolerance), the layer ops
@@ -23,7 +27,9 @@ contraction).
 """
 from __future__ import annotations
 
+import ctypes
 import hashlib
+import logging
 import os
 import shutil
 import subprocess
@@ -32,8 +38,12 @@ from pathlib import Path
 
 from splitserve.kernels.cpu_isa import CpuInfo, IsaLevel, best_levels_for, portable_levels
 
+logger = logging.getLogger(__name__)
+
 _HERE = Path(__file__).parent
 NATIVE = "native"
+AUTO = "auto"
+LEVEL_ENV = "SPLITSERVE_CPU_KERNEL_LEVEL"
 COMMON_FLAGS = ("-O3", "-fopenmp", "-fPIC", "-std=c11")
 SOURCES = {
     "cpu_paged_attention.c": ("-ffast-math",),
@@ -41,22 +51,81 @@ SOURCES = {
 }
 
 
-def library_path(cache_dir: Path | None = None, cpu: CpuInfo | None = None) -> Path:
-    """A build this CPU runs: present native, else present portable (best
-    level first), else a fresh native build. Raises FileNotFoundError when
-    nothing is built and there is no compiler, CalledProcessError on a failed
-    build, OSError when the cache dir is not writable."""
-    found = find_library(cache_dir, cpu)
-    return found if found is not None else build_library(cache_dir)
-
-
-def find_library(cache_dir: Path | None = None, cpu: CpuInfo | None = None) -> Path | None:
-    """The already-built library ``library_path`` would take, or None; needs no compiler."""
+def library_path(cache_dir: Path | None = None, cpu: CpuInfo | None = None, level: str | None = None) -> Path:
+    """A build this CPU runs. ``level`` (default ``$SPLITSERVE_CPU_KERNEL_LEVEL``,
+    else auto) auto: present native, else present portable (best level first),
+    else a fresh native build; ``native`` or a portable level's name: exactly
+    that build, compiled if absent. Raises ValueError for a level name that is
+    unknown or that this CPU cannot run (see ``forced_level``),
+    FileNotFoundError when the build is absent and there is no compiler,
+    CalledProcessError on a failed build, OSError when the cache dir is not
+    writable."""
     cpu = cpu or CpuInfo.current()
+    forced = forced_level(cpu, level)
+    if forced is None:
+        found = find_library(cache_dir, cpu, AUTO)
+        return found if found is not None else build_library(cache_dir)
+    return build_library(cache_dir, None if forced == NATIVE else forced)
+
+
+def open_library(what: str, cache_dir: Path | None = None, level: str | None = None) -> ctypes.CDLL | None:
+    """Load ``library_path``'s choice (``what`` names the caller in the log).
+    In auto mode a build that cannot be had (no compiler, failed build,
+    unwritable cache) is logged as a warning and gives None, so the caller
+    keeps its torch path; a forced level never falls back: those errors
+    propagate, as does ValueError for a bad level."""
+    forced = forced_level(CpuInfo.current(), level)
+    try:
+        return ctypes.CDLL(str(library_path(cache_dir, level=level)))
+    except (OSError, subprocess.CalledProcessError, FileNotFoundError) as exc:
+        if forced is not None:
+            raise
+        logger.warning("%s unavailable, using the torch path: %s", what, getattr(exc, "stderr", None) or exc)
+        return None
+
+
+def find_library(cache_dir: Path | None = None, cpu: CpuInfo | None = None, level: str | None = None) -> Path | None:
+    """The already-built library ``library_path`` would take, or None; needs no
+    compiler. Raises ValueError as ``library_path``."""
+    cpu = cpu or CpuInfo.current()
+    forced = forced_level(cpu, level)
     root = _root(cache_dir)
-    candidates = [root / _file_name(NATIVE, _native_key(_compiler(), cpu))]
-    candidates += [root / _file_name(level.name, _portable_key(level)) for level in best_levels_for(cpu)]
+    native = root / _file_name(NATIVE, _native_key(_compiler(), cpu))
+    if forced == NATIVE:
+        candidates = [native]
+    elif isinstance(forced, IsaLevel):
+        candidates = [root / _file_name(forced.name, _portable_key(forced))]
+    else:
+        candidates = [native] + [root / _file_name(lv.name, _portable_key(lv)) for lv in best_levels_for(cpu)]
     return next((path for path in candidates if path.exists()), None)
+
+
+def forced_level(cpu: CpuInfo, level: str | None = None) -> IsaLevel | str | None:
+    """The build ``level`` (default ``$SPLITSERVE_CPU_KERNEL_LEVEL``) forces on
+    ``cpu``: None for auto (unset or empty too), ``NATIVE``, or a portable
+    ``IsaLevel``. Raises ValueError, naming the valid names, for an unknown
+    name, and for a level ``cpu`` cannot run, naming the /proc/cpuinfo flags
+    it lacks."""
+    name = (os.environ.get(LEVEL_ENV, "") if level is None else level).strip() or AUTO
+    if name in (AUTO, NATIVE):
+        return None if name == AUTO else NATIVE
+    levels = {lv.name: lv for lv in portable_levels(cpu.machine)}
+    valid = ", ".join([AUTO, NATIVE, *levels])
+    runnable = ", ".join(lv.name for lv in best_levels_for(cpu)) or "none"
+    if name not in levels:
+        raise ValueError(f"{LEVEL_ENV}={name!r} is not a CPU kernel level of {cpu.machine}; "
+                         f"valid names: {valid} (this CPU runs: {runnable})")
+    chosen = levels[name]
+    if not chosen.runs_on(cpu):
+        missing = ", ".join(sorted(chosen.required_flags - cpu.flags))
+        raise ValueError(f"{LEVEL_ENV}={name}: this CPU cannot run that level; its /proc/cpuinfo flags lack "
+                         f"{missing}; valid names: {valid} (this CPU runs: {runnable})")
+    return chosen
+
+
+def level_of(path: Path) -> str:
+    """The level a library file was built for (``native`` or a portable level's name)."""
+    return path.name.removeprefix("splitserve_cpu-").rsplit("-", 1)[0]
 
 
 def build_library(cache_dir: Path | None = None, level: IsaLevel | None = None) -> Path:

@@ -15,8 +15,11 @@
  * max_rows_per_seq rows are skipped (the caller attends those, e.g. with a
  * flash-attention prefill): their output rows are left untouched.
  *
- * Built by splitserve.kernels.cpu_attention with -O3 -march=native
- * -ffast-math -fopenmp; the OpenMP runtime is the one torch already loaded.
+ * Vector paths (cpu_simd.h): AVX-512 or AVX2 + FMA, whichever the build's
+ * -march has, else plain C loops the compiler vectorises as it can. Built by
+ * splitserve.kernels.cpu_library once per ISA level (-march=x86-64-v4/v3/v2)
+ * or -march=native, with -O3 -ffast-math -fopenmp; the OpenMP runtime is the
+ * one torch already loaded.
  */
 #include <stdint.h>
 #include <stdlib.h>
@@ -24,6 +27,7 @@
 #include <math.h>
 
 #include "cpu_dtype.h"
+#include "cpu_simd.h"
 
 /* sh[0..n) = exp(sh - max(sh)) in place; returns their sum. */
 static inline float exp_shifted(float *sh, int64_t n) {
@@ -114,31 +118,23 @@ static inline void block_values_bf16(const uint16_t *v, int64_t token_stride, in
     }
 }
 
-#if defined(__AVX512F__)
-#include <immintrin.h>
-
-static inline __attribute__((always_inline)) __m512 load16(const void *base, int64_t index, int bf16) {
-    if (!bf16) return _mm512_loadu_ps((const float *)base + index);
-    const __m256i raw = _mm256_loadu_si256((const __m256i *)((const uint16_t *)base + index));
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
-}
-
+#if defined(SIMD_VF)
 /*
- * One (row, kv head) task with head_dim a multiple of 16 (up to 256): the
+ * One (row, kv head) task with head_dim a multiple of VW (up to 256): the
  * query head's vector and the output accumulator stay in registers across the
- * whole context; K/V rows are re-read per head of the group from L1/L2.
- * Inlined with head_dim and the cache dtype as constants so the chunk loops
- * unroll.
+ * whole context (with AVX2 at head_dim 128 and up they spill to L1); K/V rows
+ * are re-read per head of the group from L1/L2. Inlined with head_dim and the
+ * cache dtype as constants so the chunk loops unroll.
  */
-static inline __attribute__((always_inline)) void attend_avx512(
+SIMD_INLINE void attend_simd(
     const void *kv_cache, const int bf16, const int32_t *table, int64_t context, int64_t block_size,
     int64_t block_stride, int64_t k_offset, int64_t kv_stride, int64_t token_stride, const float *q,
     int64_t group, const int64_t head_dim, float *scores, int64_t score_stride, float *acc) {
-    const int64_t num_chunks = head_dim / 16;
+    const int64_t num_chunks = head_dim / VW;
     const int64_t used_blocks = (context + block_size - 1) / block_size;
     for (int64_t h = 0; h < group; ++h) {
-        __m512 qv[16];
-        for (int64_t c = 0; c < num_chunks; ++c) qv[c] = _mm512_loadu_ps(q + h * head_dim + 16 * c);
+        vf qv[256 / VW];
+        for (int64_t c = 0; c < num_chunks; ++c) qv[c] = v_load(q + h * head_dim + VW * c);
         float *sh = scores + h * score_stride;
         for (int64_t b = 0; b < used_blocks; ++b) {
             const int64_t first = b * block_size;
@@ -146,29 +142,30 @@ static inline __attribute__((always_inline)) void attend_avx512(
             const int64_t base = (int64_t)table[b] * block_stride + k_offset;
             for (int64_t t = 0; t < n; ++t) {
                 const int64_t row = base + t * token_stride;
-                __m512 a = _mm512_mul_ps(qv[0], load16(kv_cache, row, bf16));
-                for (int64_t c = 1; c < num_chunks; ++c) a = _mm512_fmadd_ps(qv[c], load16(kv_cache, row + 16 * c, bf16), a);
-                sh[first + t] = _mm512_reduce_add_ps(a);
+                vf a = v_mul(qv[0], v_load_kv(kv_cache, row, bf16));
+                for (int64_t c = 1; c < num_chunks; ++c) a = v_fmadd(qv[c], v_load_kv(kv_cache, row + VW * c, bf16), a);
+                sh[first + t] = v_sum(a);
             }
         }
     }
     for (int64_t h = 0; h < group; ++h) {
         float *sh = scores + h * score_stride;
         const float inv = 1.f / exp_shifted(sh, context);
-        __m512 av[16];
-        for (int64_t c = 0; c < num_chunks; ++c) av[c] = _mm512_setzero_ps();
+        vf av[256 / VW];
+        for (int64_t c = 0; c < num_chunks; ++c) av[c] = v_zero();
         for (int64_t b = 0; b < used_blocks; ++b) {
             const int64_t first = b * block_size;
             const int64_t n = context - first < block_size ? context - first : block_size;
             const int64_t base = (int64_t)table[b] * block_stride + k_offset + kv_stride;
             for (int64_t t = 0; t < n; ++t) {
-                const __m512 w = _mm512_set1_ps(sh[first + t]);
+                const vf w = v_set1(sh[first + t]);
                 const int64_t row = base + t * token_stride;
-                for (int64_t c = 0; c < num_chunks; ++c) av[c] = _mm512_fmadd_ps(w, load16(kv_cache, row + 16 * c, bf16), av[c]);
+                for (int64_t c = 0; c < num_chunks; ++c)
+                    av[c] = v_fmadd(w, v_load_kv(kv_cache, row + VW * c, bf16), av[c]);
             }
         }
-        const __m512 scale = _mm512_set1_ps(inv);
-        for (int64_t c = 0; c < num_chunks; ++c) _mm512_storeu_ps(acc + h * head_dim + 16 * c, _mm512_mul_ps(av[c], scale));
+        const vf scale = v_set1(inv);
+        for (int64_t c = 0; c < num_chunks; ++c) v_store(acc + h * head_dim + VW * c, v_mul(av[c], scale));
     }
 }
 
@@ -177,14 +174,14 @@ static int attend_fast(const void *kv_cache, int cache_dtype, const int32_t *tab
                        int64_t block_size, int64_t block_stride, int64_t k_offset, int64_t kv_stride,
                        int64_t token_stride, const float *q, int64_t group, int64_t head_dim, float *scores,
                        int64_t score_stride, float *acc) {
-#define ATTEND(BF16, D) attend_avx512(kv_cache, BF16, table, context, block_size, block_stride, k_offset, \
-                                      kv_stride, token_stride, q, group, D, scores, score_stride, acc)
+#define ATTEND(BF16, D) attend_simd(kv_cache, BF16, table, context, block_size, block_stride, k_offset, \
+                                    kv_stride, token_stride, q, group, D, scores, score_stride, acc)
     const int bf16 = cache_dtype == DTYPE_BF16;
     switch (head_dim) {
         case 64: if (bf16) ATTEND(1, 64); else ATTEND(0, 64); return 1;
         case 128: if (bf16) ATTEND(1, 128); else ATTEND(0, 128); return 1;
         default:
-            if (head_dim % 16 || head_dim > 256) return 0;
+            if (head_dim % VW || head_dim > 256) return 0;
             if (bf16) ATTEND(1, head_dim); else ATTEND(0, head_dim);
             return 1;
     }
@@ -201,6 +198,9 @@ static int attend_fast(const void *kv_cache, int cache_dtype, const int32_t *tab
     return 0;
 }
 #endif
+
+/* The vector path this build compiled, so a loader can tell a level from a silent fallback. */
+const char *splitserve_kernel_simd(void) { return SIMD_PATH; }
 
 /*
  * Returns 0, or a negative code: -1 bad shape arguments, -2 out of memory,
@@ -327,19 +327,22 @@ int splitserve_paged_attention(
 
 /*
  * Prefill chunks: flash attention over (tile of TILE_ROWS query rows) x (chunk
- * of up to 16 keys). Each K chunk is transposed once into [head_dim][16] fp32
- * and each V chunk widened once into [16][head_dim], then reused by every row
- * and head of the group, so the scores of 16 keys are head_dim broadcast FMAs
- * (no horizontal sums) and the softmax is online (running max and sum per
- * row). Sequences with fewer than min_rows rows are skipped (their out rows
+ * of up to KEY_CHUNK keys, one vector: 16 with AVX-512, 8 with AVX2). Each K
+ * chunk is transposed once into [head_dim][KEY_CHUNK] fp32 and each V chunk
+ * widened once into [KEY_CHUNK][head_dim], then reused by every row and head
+ * of the group, so the scores of a chunk are head_dim broadcast FMAs (no
+ * horizontal sums) and the softmax is online (running max and sum per row).
+ * Sequences with fewer than min_rows rows are skipped (their out rows
  * untouched). Same return codes as splitserve_paged_attention, plus -4 when
  * this build cannot tile (see splitserve_can_tile).
  */
-enum { TILE_ROWS = 64, KEY_CHUNK = 16 };
+#if defined(SIMD_VF)
+enum { TILE_ROWS = 64, KEY_CHUNK = VW };
+#endif
 
 int splitserve_can_tile(int64_t head_dim, int64_t block_size) {
-#if defined(__AVX512F__)
-    return head_dim % 16 == 0 && head_dim <= 256 && block_size > 0
+#if defined(SIMD_VF)
+    return head_dim % VW == 0 && head_dim <= 256 && block_size > 0
            && (block_size <= KEY_CHUNK ? KEY_CHUNK % block_size == 0 : block_size % KEY_CHUNK == 0);
 #else
     (void)head_dim; (void)block_size;
@@ -347,23 +350,26 @@ int splitserve_can_tile(int64_t head_dim, int64_t block_size) {
 #endif
 }
 
-#if defined(__AVX512F__)
-static inline __m512 exp16(__m512 x) {
-    float tmp[16];
-    _mm512_storeu_ps(tmp, x);
+#if defined(SIMD_VF)
+/* expf per lane; under -ffast-math the simd loop calls libmvec's vector expf. */
+SIMD_INLINE vf v_exp(vf x) {
+    float tmp[VW];
+    v_store(tmp, x);
 #pragma omp simd
-    for (int i = 0; i < 16; ++i) tmp[i] = expf(tmp[i]);
-    return _mm512_loadu_ps(tmp);
+    for (int i = 0; i < VW; ++i) tmp[i] = expf(tmp[i]);
+    return v_load(tmp);
 }
 
-static inline __attribute__((always_inline)) void attend_tile(
+SIMD_INLINE void attend_tile(
     const void *query, int query_dtype, int64_t query_row_stride, int64_t query_head_stride, void *out,
     const void *kv_cache, const int bf16, const int32_t *table, int64_t seq_len, int64_t q_len,
     int64_t first_row /* of the sequence */, int64_t tile_start /* within the sequence */, int64_t tile_rows,
     int64_t block_size, int64_t block_stride, int64_t k_offset, int64_t kv_stride, int64_t token_stride,
     int64_t kvh, int64_t group, int64_t num_heads, const int64_t head_dim, float scale, float *qbuf,
     float *acc, float *kt, float *vb, float *sc) {
-    const int64_t num_chunks = head_dim / 16;
+    const int64_t num_chunks = head_dim / VW;
+    /* Two FMA chains over the keys where both sets of accumulators fit the registers. */
+    const int two_chains = 2 * num_chunks + 2 <= V_REGS;
     const int64_t num_vecs = tile_rows * group;
     float m[TILE_ROWS * 16], l[TILE_ROWS * 16]; /* group <= 16 */
     for (int64_t r = 0; r < tile_rows; ++r)
@@ -385,85 +391,83 @@ static inline __attribute__((always_inline)) void attend_tile(
         const int64_t base = block * block_stride + k_offset + offset * token_stride;
         for (int64_t t = 0; t < KEY_CHUNK; ++t)
             for (int64_t c = 0; c < num_chunks; ++c) {
-                __m512 kv = t < n ? load16(kv_cache, base + t * token_stride + 16 * c, bf16) : _mm512_setzero_ps();
-                float tmp[16];
-                _mm512_storeu_ps(tmp, kv);
-                for (int64_t j = 0; j < 16; ++j) kt[(16 * c + j) * KEY_CHUNK + t] = tmp[j];
-                __m512 vv = t < n ? load16(kv_cache, base + kv_stride + t * token_stride + 16 * c, bf16)
-                                  : _mm512_setzero_ps();
-                _mm512_storeu_ps(vb + t * head_dim + 16 * c, vv);
+                const vf kv = t < n ? v_load_kv(kv_cache, base + t * token_stride + VW * c, bf16) : v_zero();
+                float tmp[VW];
+                v_store(tmp, kv);
+                for (int64_t j = 0; j < VW; ++j) kt[(VW * c + j) * KEY_CHUNK + t] = tmp[j];
+                const vf vv = t < n ? v_load_kv(kv_cache, base + kv_stride + t * token_stride + VW * c, bf16)
+                                    : v_zero();
+                v_store(vb + t * head_dim + VW * c, vv);
             }
         /* Rows before the chunk's first key see none of it; the others' scores
          * are computed eight query vectors at a time (independent FMA chains). */
         const int64_t first_vec = (key0 > first_pos ? key0 - first_pos : 0) * group;
         int64_t i = first_vec;
         for (; i + 8 <= num_vecs; i += 8) {
-            __m512 s0 = _mm512_setzero_ps(), s1 = s0, s2 = s0, s3 = s0, s4 = s0, s5 = s0, s6 = s0, s7 = s0;
+            vf s0 = v_zero(), s1 = s0, s2 = s0, s3 = s0, s4 = s0, s5 = s0, s6 = s0, s7 = s0;
             const float *q0 = qbuf + i * head_dim;
             for (int64_t d = 0; d < head_dim; ++d) {
-                const __m512 kd = _mm512_loadu_ps(kt + d * KEY_CHUNK);
-                s0 = _mm512_fmadd_ps(_mm512_set1_ps(q0[d]), kd, s0);
-                s1 = _mm512_fmadd_ps(_mm512_set1_ps(q0[head_dim + d]), kd, s1);
-                s2 = _mm512_fmadd_ps(_mm512_set1_ps(q0[2 * head_dim + d]), kd, s2);
-                s3 = _mm512_fmadd_ps(_mm512_set1_ps(q0[3 * head_dim + d]), kd, s3);
-                s4 = _mm512_fmadd_ps(_mm512_set1_ps(q0[4 * head_dim + d]), kd, s4);
-                s5 = _mm512_fmadd_ps(_mm512_set1_ps(q0[5 * head_dim + d]), kd, s5);
-                s6 = _mm512_fmadd_ps(_mm512_set1_ps(q0[6 * head_dim + d]), kd, s6);
-                s7 = _mm512_fmadd_ps(_mm512_set1_ps(q0[7 * head_dim + d]), kd, s7);
+                const vf kd = v_load(kt + d * KEY_CHUNK);
+                s0 = v_fmadd(v_set1(q0[d]), kd, s0);
+                s1 = v_fmadd(v_set1(q0[head_dim + d]), kd, s1);
+                s2 = v_fmadd(v_set1(q0[2 * head_dim + d]), kd, s2);
+                s3 = v_fmadd(v_set1(q0[3 * head_dim + d]), kd, s3);
+                s4 = v_fmadd(v_set1(q0[4 * head_dim + d]), kd, s4);
+                s5 = v_fmadd(v_set1(q0[5 * head_dim + d]), kd, s5);
+                s6 = v_fmadd(v_set1(q0[6 * head_dim + d]), kd, s6);
+                s7 = v_fmadd(v_set1(q0[7 * head_dim + d]), kd, s7);
             }
-            _mm512_storeu_ps(sc + (i + 0) * 16, s0);
-            _mm512_storeu_ps(sc + (i + 1) * 16, s1);
-            _mm512_storeu_ps(sc + (i + 2) * 16, s2);
-            _mm512_storeu_ps(sc + (i + 3) * 16, s3);
-            _mm512_storeu_ps(sc + (i + 4) * 16, s4);
-            _mm512_storeu_ps(sc + (i + 5) * 16, s5);
-            _mm512_storeu_ps(sc + (i + 6) * 16, s6);
-            _mm512_storeu_ps(sc + (i + 7) * 16, s7);
+            v_store(sc + (i + 0) * KEY_CHUNK, s0);
+            v_store(sc + (i + 1) * KEY_CHUNK, s1);
+            v_store(sc + (i + 2) * KEY_CHUNK, s2);
+            v_store(sc + (i + 3) * KEY_CHUNK, s3);
+            v_store(sc + (i + 4) * KEY_CHUNK, s4);
+            v_store(sc + (i + 5) * KEY_CHUNK, s5);
+            v_store(sc + (i + 6) * KEY_CHUNK, s6);
+            v_store(sc + (i + 7) * KEY_CHUNK, s7);
         }
         for (; i < num_vecs; ++i) {
             const float *qi = qbuf + i * head_dim;
-            __m512 s0 = _mm512_setzero_ps(), s1 = s0;
+            vf s0 = v_zero(), s1 = s0;
             int64_t d = 0;
             for (; d + 2 <= head_dim; d += 2) {
-                s0 = _mm512_fmadd_ps(_mm512_set1_ps(qi[d]), _mm512_loadu_ps(kt + d * KEY_CHUNK), s0);
-                s1 = _mm512_fmadd_ps(_mm512_set1_ps(qi[d + 1]), _mm512_loadu_ps(kt + (d + 1) * KEY_CHUNK), s1);
+                s0 = v_fmadd(v_set1(qi[d]), v_load(kt + d * KEY_CHUNK), s0);
+                s1 = v_fmadd(v_set1(qi[d + 1]), v_load(kt + (d + 1) * KEY_CHUNK), s1);
             }
-            _mm512_storeu_ps(sc + i * 16, _mm512_add_ps(s0, s1));
+            v_store(sc + i * KEY_CHUNK, v_add(s0, s1));
         }
         for (i = first_vec; i < num_vecs; ++i) {
             const int64_t pos = first_pos + i / group;
             const int64_t visible = pos - key0 + 1 < n ? pos - key0 + 1 : n;
-            const __mmask16 live = (__mmask16)((1u << visible) - 1u);
-            __m512 s = _mm512_mask_blend_ps(live, _mm512_set1_ps(-1e30f), _mm512_loadu_ps(sc + i * 16));
-            const float m_new = fmaxf(m[i], _mm512_reduce_max_ps(s));
+            const vf s = v_first(v_load(sc + i * KEY_CHUNK), visible, -1e30f);
+            const float m_new = fmaxf(m[i], v_max(s));
             const float alpha = expf(m[i] - m_new);
-            __m512 p = exp16(_mm512_sub_ps(s, _mm512_set1_ps(m_new)));
-            p = _mm512_maskz_mov_ps(live, p);
-            l[i] = l[i] * alpha + _mm512_reduce_add_ps(p);
+            const vf p = v_first(v_exp(v_sub(s, v_set1(m_new))), visible, 0.f);
+            l[i] = l[i] * alpha + v_sum(p);
             m[i] = m_new;
-            float pt[16];
-            _mm512_storeu_ps(pt, p);
-            __m512 av[16], bv[16];
-            const __m512 a = _mm512_set1_ps(alpha);
+            float pt[KEY_CHUNK];
+            v_store(pt, p);
+            vf av[256 / VW], bv[256 / VW];
+            const vf a = v_set1(alpha);
             for (int64_t c = 0; c < num_chunks; ++c) {
-                av[c] = _mm512_mul_ps(_mm512_loadu_ps(acc + i * head_dim + 16 * c), a);
-                bv[c] = _mm512_setzero_ps();
+                av[c] = v_mul(v_load(acc + i * head_dim + VW * c), a);
+                bv[c] = v_zero();
             }
             int64_t t = 0;
-            for (; t + 2 <= visible; t += 2) {
-                const __m512 w0 = _mm512_set1_ps(pt[t]), w1 = _mm512_set1_ps(pt[t + 1]);
-                for (int64_t c = 0; c < num_chunks; ++c) {
-                    av[c] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(vb + t * head_dim + 16 * c), av[c]);
-                    bv[c] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(vb + (t + 1) * head_dim + 16 * c), bv[c]);
+            if (two_chains)
+                for (; t + 2 <= visible; t += 2) {
+                    const vf w0 = v_set1(pt[t]), w1 = v_set1(pt[t + 1]);
+                    for (int64_t c = 0; c < num_chunks; ++c) {
+                        av[c] = v_fmadd(w0, v_load(vb + t * head_dim + VW * c), av[c]);
+                        bv[c] = v_fmadd(w1, v_load(vb + (t + 1) * head_dim + VW * c), bv[c]);
+                    }
                 }
-            }
-            if (t < visible) {
-                const __m512 w0 = _mm512_set1_ps(pt[t]);
-                for (int64_t c = 0; c < num_chunks; ++c)
-                    av[c] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(vb + t * head_dim + 16 * c), av[c]);
+            for (; t < visible; ++t) {
+                const vf w0 = v_set1(pt[t]);
+                for (int64_t c = 0; c < num_chunks; ++c) av[c] = v_fmadd(w0, v_load(vb + t * head_dim + VW * c), av[c]);
             }
             for (int64_t c = 0; c < num_chunks; ++c)
-                _mm512_storeu_ps(acc + i * head_dim + 16 * c, _mm512_add_ps(av[c], bv[c]));
+                v_store(acc + i * head_dim + VW * c, two_chains ? v_add(av[c], bv[c]) : av[c]);
         }
     }
     for (int64_t i = 0; i < num_vecs; ++i) {
@@ -484,7 +488,7 @@ int splitserve_paged_attention_tiled(
     const int32_t *seq_lens, const int32_t *query_start_loc, int64_t num_seqs,
     int64_t min_rows, float scale, int num_threads) {
     if (!splitserve_can_tile(head_dim, block_size)) return -4;
-#if defined(__AVX512F__)
+#if defined(SIMD_VF)
     if (num_seqs < 0 || num_kv_heads <= 0 || num_heads % num_kv_heads != 0 || layer < 0 || layer >= num_layers)
         return -1;
     const int64_t group = num_heads / num_kv_heads;
@@ -522,7 +526,7 @@ int splitserve_paged_attention_tiled(
         float *acc = (float *)malloc((size_t)(TILE_ROWS * group * head_dim) * sizeof(float));
         float *kt = (float *)malloc((size_t)(KEY_CHUNK * head_dim) * sizeof(float));
         float *vb = (float *)malloc((size_t)(KEY_CHUNK * head_dim) * sizeof(float));
-        float *sc = (float *)malloc((size_t)(TILE_ROWS * group * 16) * sizeof(float));
+        float *sc = (float *)malloc((size_t)(TILE_ROWS * group * KEY_CHUNK) * sizeof(float));
         const int ok = qbuf != NULL && acc != NULL && kt != NULL && vb != NULL && sc != NULL;
         if (!ok) {
 #pragma omp atomic write

@@ -1,8 +1,11 @@
 """The C paged-attention kernel (splitserve.kernels.cpu_attention) against the torch reference.
 
-Covers the AVX-512 path (head_dim a multiple of 16) and the generic one
-(other head dims), fp32 and bf16 caches, GQA groups, decode rows and prefill
-chunks after a cached prefix, and its refusals.
+Every test runs once per build this CPU runs (``cpu_levels``: native,
+x86-64-v4 with AVX-512, x86-64-v3 with AVX2 + FMA, x86-64-v2 generic C), each
+build loaded by forcing its level. Covers each build's vector path (head_dim a
+multiple of its width) and the generic loops (other head dims), fp32 and bf16
+caches, GQA groups, decode rows and prefill chunks after a cached prefix, the
+tiled prefill path where the build must have it, and the refusals.
 """
 from __future__ import annotations
 
@@ -11,6 +14,7 @@ import shutil
 import pytest
 import torch
 
+from cpu_levels import expected_can_tile, expected_simd
 from paged_batch import TOLERANCE, make_batch
 from splitserve.kernels.cpu_attention import CPUPagedAttention
 from splitserve.kernels.cpu_library import build_library
@@ -20,10 +24,18 @@ pytestmark = pytest.mark.skipif(shutil.which("cc") is None, reason="needs a C co
 
 
 @pytest.fixture(scope="module")
-def kernel(cpu_kernels_dir) -> CPUPagedAttention:
-    built = CPUPagedAttention.load(cpu_kernels_dir)
+def kernel(cpu_level, cpu_level_dir) -> CPUPagedAttention:
+    built = CPUPagedAttention.load(cpu_level_dir, level=cpu_level)
     assert built is not None, "the CPU attention kernel did not build"
     return built
+
+
+def test_each_build_has_its_vector_path(kernel, cpu_level) -> None:
+    """A build that lost its intrinsics (wrong -march, a broken #if) fails here, not silently slower."""
+    assert kernel.level == cpu_level
+    assert kernel.simd == expected_simd(cpu_level)
+    assert kernel.can_tile(64, 16) is (kernel.simd != "generic")
+    assert kernel.can_tile(24, 16) is (kernel.simd == "avx2")  # a multiple of 8, not of 16
 
 
 def _run(kernel: CPUPagedAttention, batch, max_rows_per_seq: int | None = None,
@@ -85,12 +97,12 @@ def test_build_is_cached_per_source(tmp_path) -> None:
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("head_dim", [64, 128, 32])
+@pytest.mark.parametrize("head_dim", [64, 128, 32, 24])
 @pytest.mark.parametrize("heads", [(8, 2), (4, 4), (6, 1)])
 @pytest.mark.parametrize("block_size", [8, 16, 32])
 def test_tiled_matches_reference(kernel, dtype, head_dim, heads, block_size) -> None:
-    if not kernel.can_tile(head_dim, block_size):
-        pytest.skip("this build cannot tile (no AVX-512)")
+    tiles = expected_can_tile(kernel.simd, head_dim, block_size)
+    assert kernel.can_tile(head_dim, block_size) is tiles
     num_heads, num_kv_heads = heads
     # Prefill from scratch (more than one 64-row tile), a chunk after a cached
     # prefix that starts mid-block, a short chunk, and a decode row left alone.
@@ -98,6 +110,11 @@ def test_tiled_matches_reference(kernel, dtype, head_dim, heads, block_size) -> 
     batch = make_batch(q_lens, seq_lens, num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim,
                        block_size=block_size, dtype=dtype, seed=head_dim * block_size)
     out = torch.full(batch.query.shape, 7.0, dtype=dtype)
+    if not tiles:
+        with pytest.raises(ValueError, match="cannot tile"):
+            kernel.forward_tiled(batch.query, batch.kv_cache, batch.layer, batch.block_tables, batch.seq_lens,
+                                 batch.query_start_loc, batch.scale, out, min_rows=2)
+        return
     got = kernel.forward_tiled(batch.query, batch.kv_cache, batch.layer, batch.block_tables, batch.seq_lens,
                                batch.query_start_loc, batch.scale, out, min_rows=2)
     expected = paged_attention_reference(*batch.args())
@@ -107,8 +124,8 @@ def test_tiled_matches_reference(kernel, dtype, head_dim, heads, block_size) -> 
 
 
 def test_tiled_refuses_shapes_it_cannot_take(kernel) -> None:
-    batch = make_batch([20], [20], num_heads=4, num_kv_heads=2, head_dim=24, block_size=16, dtype=torch.float32)
-    assert not kernel.can_tile(24, 16)
+    batch = make_batch([20], [20], num_heads=4, num_kv_heads=2, head_dim=20, block_size=16, dtype=torch.float32)
+    assert not kernel.can_tile(20, 16) and not kernel.can_tile(64, 12) and not kernel.can_tile(272, 16)
     with pytest.raises(ValueError, match="cannot tile"):
         kernel.forward_tiled(batch.query, batch.kv_cache, batch.layer, batch.block_tables, batch.seq_lens,
                              batch.query_start_loc, batch.scale, torch.empty_like(batch.query))

@@ -1,4 +1,6 @@
-"""``rope_store`` (cpu_layer_ops.c) equals the torch ops it replaces, bit for bit."""
+"""``rope_store`` (cpu_layer_ops.c) equals the torch ops it replaces, bit for bit, in
+every build this CPU runs (``cpu_levels``: an FMA contraction at x86-64-v3 or
+v4 would show here as a last-bit difference)."""
 from __future__ import annotations
 
 import shutil
@@ -15,8 +17,8 @@ pytestmark = pytest.mark.skipif(shutil.which("cc") is None, reason="needs a C co
 
 
 @pytest.fixture(scope="module")
-def ops(cpu_kernels_dir) -> CPULayerOps:
-    built = CPULayerOps.load(cpu_kernels_dir)
+def ops(cpu_level, cpu_level_dir) -> CPULayerOps:
+    built = CPULayerOps.load(cpu_level_dir, level=cpu_level)
     assert built is not None, "the CPU layer ops did not build"
     return built
 

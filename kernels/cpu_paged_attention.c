@@ -351,15 +351,6 @@ int splitserve_can_tile(int64_t head_dim, int64_t block_size) {
 }
 
 #if defined(SIMD_VF)
-/* expf per lane; under -ffast-math the simd loop calls libmvec's vector expf. */
-SIMD_INLINE vf v_exp(vf x) {
-    float tmp[VW];
-    v_store(tmp, x);
-#pragma omp simd
-    for (int i = 0; i < VW; ++i) tmp[i] = expf(tmp[i]);
-    return v_load(tmp);
-}
-
 SIMD_INLINE void attend_tile(
     const void *query, int query_dtype, int64_t query_row_stride, int64_t query_head_stride, void *out,
     const void *kv_cache, const int bf16, const int32_t *table, int64_t seq_len, int64_t q_len,
@@ -441,7 +432,9 @@ SIMD_INLINE void attend_tile(
             const int64_t visible = pos - key0 + 1 < n ? pos - key0 + 1 : n;
             const vf s = v_first(v_load(sc + i * KEY_CHUNK), visible, -1e30f);
             const float m_new = fmaxf(m[i], v_max(s));
-            const float alpha = expf(m[i] - m_new);
+            /* No expf where nothing needs rescaling: a row's first chunk (nothing
+             * summed yet) and chunks that leave its running max where it was. */
+            const float alpha = m[i] == -1e30f ? 0.f : m_new == m[i] ? 1.f : expf(m[i] - m_new);
             const vf p = v_first(v_exp(v_sub(s, v_set1(m_new))), visible, 0.f);
             l[i] = l[i] * alpha + v_sum(p);
             m[i] = m_new;

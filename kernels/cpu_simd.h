@@ -29,6 +29,14 @@ SIMD_INLINE vf v_set1(float x) { return _mm512_set1_ps(x); }
 SIMD_INLINE vf v_add(vf a, vf b) { return _mm512_add_ps(a, b); }
 SIMD_INLINE vf v_sub(vf a, vf b) { return _mm512_sub_ps(a, b); }
 SIMD_INLINE vf v_mul(vf a, vf b) { return _mm512_mul_ps(a, b); }
+SIMD_INLINE vf v_minv(vf a, vf b) { return _mm512_min_ps(a, b); }
+SIMD_INLINE vf v_maxv(vf a, vf b) { return _mm512_max_ps(a, b); }
+SIMD_INLINE vf v_round(vf x) { return _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+/* x * 2^n for integral n in [-126, 127]. */
+SIMD_INLINE vf v_ldexp(vf x, vf n) {
+    const __m512i bits = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
+    return _mm512_mul_ps(x, _mm512_castsi512_ps(bits));
+}
 SIMD_INLINE vf v_fmadd(vf a, vf b, vf c) { return _mm512_fmadd_ps(a, b, c); }
 SIMD_INLINE float v_sum(vf x) { return _mm512_reduce_add_ps(x); }
 SIMD_INLINE float v_max(vf x) { return _mm512_reduce_max_ps(x); }
@@ -56,6 +64,13 @@ SIMD_INLINE vf v_set1(float x) { return _mm256_set1_ps(x); }
 SIMD_INLINE vf v_add(vf a, vf b) { return _mm256_add_ps(a, b); }
 SIMD_INLINE vf v_sub(vf a, vf b) { return _mm256_sub_ps(a, b); }
 SIMD_INLINE vf v_mul(vf a, vf b) { return _mm256_mul_ps(a, b); }
+SIMD_INLINE vf v_minv(vf a, vf b) { return _mm256_min_ps(a, b); }
+SIMD_INLINE vf v_maxv(vf a, vf b) { return _mm256_max_ps(a, b); }
+SIMD_INLINE vf v_round(vf x) { return _mm256_round_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+SIMD_INLINE vf v_ldexp(vf x, vf n) {
+    const __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(x, _mm256_castsi256_ps(bits));
+}
 SIMD_INLINE vf v_fmadd(vf a, vf b, vf c) { return _mm256_fmadd_ps(a, b, c); }
 SIMD_INLINE float v_sum(vf x) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(x), _mm256_extractf128_ps(x, 1));
@@ -79,6 +94,28 @@ SIMD_INLINE vf v_load_kv(const void *base, int64_t index, int bf16) {
 
 #else
 #define SIMD_PATH "generic"
+#endif
+
+#if defined(SIMD_VF)
+/*
+ * exp(x) per lane, inline: x = n ln2 + r with |r| <= ln2 / 2, exp(r) by
+ * Cephes' degree-6 polynomial (about 1 ulp), times 2^n. Inputs below -87.3
+ * give ~1e-38 instead of 0 (the kernel masks the lanes that must be 0).
+ */
+SIMD_INLINE vf v_exp(vf x) {
+    x = v_minv(v_maxv(x, v_set1(-87.3f)), v_set1(88.3f));
+    const vf n = v_round(v_mul(x, v_set1(1.44269504089f)));
+    vf r = v_fmadd(n, v_set1(-0.693359375f), x);
+    r = v_fmadd(n, v_set1(2.12194440e-4f), r);
+    vf p = v_set1(1.9875691500e-4f);
+    p = v_fmadd(p, r, v_set1(1.3981999507e-3f));
+    p = v_fmadd(p, r, v_set1(8.3334519073e-3f));
+    p = v_fmadd(p, r, v_set1(4.1665795894e-2f));
+    p = v_fmadd(p, r, v_set1(1.6666665459e-1f));
+    p = v_fmadd(p, r, v_set1(5.0000001201e-1f));
+    p = v_fmadd(v_mul(p, r), r, v_add(r, v_set1(1.f)));
+    return v_ldexp(p, n);
+}
 #endif
 
 #endif

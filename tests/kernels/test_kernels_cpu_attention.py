@@ -129,3 +129,27 @@ def test_tiled_refuses_shapes_it_cannot_take(kernel) -> None:
     with pytest.raises(ValueError, match="cannot tile"):
         kernel.forward_tiled(batch.query, batch.kv_cache, batch.layer, batch.block_tables, batch.seq_lens,
                              batch.query_start_loc, batch.scale, torch.empty_like(batch.query))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("spread", [30.0, 300.0])
+def test_large_logit_ranges(kernel, dtype, spread) -> None:
+    """Scores hundreds apart: exp's arguments reach far below -87.3, where the
+    vector exp clamps (its 2^n would wrap) and gives ~1e-38 for what must be
+    ~0; the causal mask's lanes must still add nothing. Decode rows and tiled
+    prefill chunks, against the reference."""
+    head_dim, block_size = 64, 16
+    batch = make_batch([1, 1, 40, 70], [9, 3 * block_size + 1, 3 * block_size + 40, 70], num_heads=8,
+                       num_kv_heads=2, head_dim=head_dim, block_size=block_size, dtype=torch.float32, seed=5)
+    batch.query = (batch.query * spread).to(dtype)
+    batch.kv_cache = batch.kv_cache.to(dtype)
+    expected = paged_attention_reference(*batch.args())
+    tol = TOLERANCE[dtype]
+    got = _run(kernel, batch, max_rows_per_seq=1)  # the decode rows; the chunks left at 0
+    torch.testing.assert_close(got[:2], expected[:2], atol=tol, rtol=tol)
+    if kernel.can_tile(head_dim, block_size):
+        out = torch.zeros(batch.query.shape, dtype=dtype)
+        got = kernel.forward_tiled(batch.query, batch.kv_cache, batch.layer, batch.block_tables, batch.seq_lens,
+                                   batch.query_start_loc, batch.scale, out, min_rows=2)
+        assert torch.isfinite(got[2:].float()).all()
+        torch.testing.assert_close(got[2:], expected[2:], atol=tol, rtol=tol)

@@ -52,7 +52,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 @dataclass
 class CpuRow:
-    build: str  # "native", a portable level, or "file:<level>" for a --library file
+    build: str  # "native", a portable level, or "file:<level>:<key>" for a --library file
     simd: str  # the build's vector path: avx512 | avx2 | generic
     kind: str  # decode | prefill
     path: str  # per-row | tiled | sdpa (the engine's fallback where the build cannot tile)
@@ -105,17 +105,17 @@ def run_shapes(builds: list[tuple[str, CPUPagedAttention]], shapes: list[tuple],
             query, cache, metadata = _batch(num_heads, num_kv_heads, head_dim, num_seqs, q_len, prefix,
                                             DTYPES[dtype_name])
             scale = head_dim**-0.5
-            best = {name: float("inf") for name, _, _ in backends}
+            best = [float("inf")] * len(backends)  # by position: two files may share a label
             for _ in range(rounds):
-                for name, _, backend in backends:
+                for i, (_, _, backend) in enumerate(backends):
                     ms = _fastest_ms(lambda: backend.forward(query, cache, 1, metadata, scale))
-                    best[name] = min(best[name], ms)
-            for name, kernel, backend in backends:
+                    best[i] = min(best[i], ms)
+            for i, (name, kernel, backend) in enumerate(backends):
                 if q_len <= backend.max_kernel_rows:
                     path = "per-row"
                 else:
                     path = "tiled" if kernel.can_tile(head_dim, BLOCK_SIZE) else "sdpa"
-                ms = best[name]
+                ms = best[i]
                 row = CpuRow(name, kernel.simd, kind, path, dtype_name, f"{num_heads}/{num_kv_heads}x{head_dim}",
                              num_seqs, q_len, prefix + q_len, ms, num_seqs * q_len / (ms * 1e-3))
                 print(json.dumps(asdict(row)), flush=True)  # a run cut short keeps the rows measured so far
@@ -124,12 +124,12 @@ def run_shapes(builds: list[tuple[str, CPUPagedAttention]], shapes: list[tuple],
 
 
 def print_table(rows: list[CpuRow]) -> None:
-    header = (f"{'build':16} {'simd':7} {'kind':8} {'path':8} {'dtype':9} {'heads':9} {'seqs':>4} "
+    header = (f"{'build':22} {'simd':7} {'kind':8} {'path':8} {'dtype':9} {'heads':9} {'seqs':>4} "
               f"{'q_len':>5} {'ctx':>5} {'ms':>9} {'rows/s':>9}")
     print(header)
     print("-" * len(header))
     for r in rows:
-        print(f"{r.build:16} {r.simd:7} {r.kind:8} {r.path:8} {r.dtype:9} {r.heads:9} {r.num_seqs:>4} "
+        print(f"{r.build:22} {r.simd:7} {r.kind:8} {r.path:8} {r.dtype:9} {r.heads:9} {r.num_seqs:>4} "
               f"{r.q_len:>5} {r.context:>5} {r.ms:>9.3f} {r.rows_per_s:>9.0f}")
 
 
@@ -153,7 +153,10 @@ def cpu_main(ns: argparse.Namespace) -> int:
         kernel = CPUPagedAttention(ctypes.CDLL(str(library_path(ns.cache_dir, level=name))))
         builds.append((name, kernel))
     for path in ns.library or []:
-        builds.append((f"file:{level_of(Path(path))}", CPUPagedAttention(ctypes.CDLL(str(Path(path).resolve())))))
+        # The file name's source key tells two builds of one level apart (before/after a change).
+        key = Path(path).stem.rpartition("-")[2][:6]
+        builds.append((f"file:{level_of(Path(path))}:{key}",
+                       CPUPagedAttention(ctypes.CDLL(str(Path(path).resolve())))))
     shapes = QUICK_SHAPES if ns.quick else SHAPES
     rows = run_shapes(builds, shapes, list(DTYPES), ns.rounds)
     machine = f"{_cpu_model()}, {ns.threads} torch threads, {torch.__version__}"

@@ -63,7 +63,7 @@ import platform
 import random
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -265,6 +265,8 @@ async def saturation(fleet: Fleet, args: argparse.Namespace) -> dict[str, Any]:
     [(proc, spec)] = await fleet.routers("kv_affinity", 1, f"{fleet.size}-saturation")
     url = f"http://127.0.0.1:{spec.port}"
     turns = [t for s in build_sessions(_workload(args, args.seed + 7, 30.0)) for t in s.turns]
+    if args.sat_prompt_tokens:  # the workload's prompts cut to one length (their prefixes still shared)
+        turns = [replace(t, prompt=t.prompt[:args.sat_prompt_tokens]) for t in turns]
     done, failed, stop_at = 0, 0, 0.0
     try:
         connections = [LeanConnection(url) for _ in range(32)]
@@ -290,7 +292,7 @@ async def saturation(fleet: Fleet, args: argparse.Namespace) -> dict[str, Any]:
             await connection.close()
     finally:
         proc.stop(60.0)
-    row = {"size": fleet.size, "requests": done, "failed": failed, "wall_s": wall, "req_per_s": done / wall,
+    row = {"size": fleet.size, "prompt_tokens": args.sat_prompt_tokens or "workload", "requests": done, "failed": failed, "wall_s": wall, "req_per_s": done / wall,
            "router_cpu_share": cpu / wall, "req_per_router_cpu_s": done / cpu if cpu else float("nan")}
     print(f"  {fleet.size:4d} pods saturation: {row['req_per_s']:.0f} req/s with the router at "
           f"{row['router_cpu_share']:.0%} of a core ({row['req_per_router_cpu_s']:.0f} req per router CPU-s)",
@@ -499,6 +501,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--latency-model", default=None, help="fitted latency file (default: PRESET)")
     parser.add_argument("--probes", type=int, default=None, help="router added-latency probes per run")
     parser.add_argument("--sat-seconds", type=float, default=None, help="saturation run length (0: none)")
+    parser.add_argument("--sat-prompt-tokens", type=int, default=0,
+                        help="saturation run: cut every prompt to this many tokens (0: the workload's)")
     parser.add_argument("--churn-sizes", type=int, nargs="*", default=None)
     parser.add_argument("--fault-sizes", type=int, nargs="*", default=None)
     parser.add_argument("--static", action="store_true", help="static discovery even if the router has file")

@@ -6,18 +6,20 @@ builds everything.
 """
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import Callable
 from typing import Any
 
+import orjson
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ValidationError
+from starlette.types import ASGIApp
 
 from splitserve.router.auth import ApiKeyMiddleware
+from splitserve.router.direct_routes import DirectRoutes, Handler
 from splitserve.router.errors import OpenAIError, bad_request, body_too_large
 from splitserve.router.event_stream import EventStreamResponse
 from splitserve.router.metrics import CONTENT_TYPE
@@ -30,6 +32,19 @@ from splitserve.router.settings import RouterSettings
 logger = logging.getLogger(__name__)
 
 _SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+class RouterApp(FastAPI):
+    """FastAPI with the generation routes dispatched ahead of its middleware
+    stack (``DirectRoutes``: set ``direct_routes`` before the first request)
+    and the API-key check (``api_key``, if set) ahead of both."""
+
+    direct_routes: dict[str, Handler]
+    api_key: str | None = None
+
+    def build_middleware_stack(self) -> ASGIApp:
+        stack: ASGIApp = DirectRoutes(super().build_middleware_stack(), self.direct_routes)
+        return ApiKeyMiddleware(stack, api_key=self.api_key) if self.api_key is not None else stack
 
 
 def create_app(serving: OpenAIServing, settings: RouterSettings | None = None,
@@ -46,12 +61,11 @@ def create_app(serving: OpenAIServing, settings: RouterSettings | None = None,
     ``Retry-After``, and a client gone while queued frees its slot.
     """
     settings = settings or serving.settings
-    app = FastAPI(title="splitserve router", docs_url=None, redoc_url=None)
+    app = RouterApp(title="splitserve router", docs_url=None, redoc_url=None)
     app.state.serving = serving
+    app.api_key = settings.api_key
     if settings.api_key is None:
         logger.warning("router API is open: no API key configured")
-    else:
-        app.add_middleware(ApiKeyMiddleware, api_key=settings.api_key)
 
     @app.exception_handler(OpenAIError)
     async def _openai_error(_: Request, exc: OpenAIError) -> JSONResponse:
@@ -87,6 +101,10 @@ def create_app(serving: OpenAIServing, settings: RouterSettings | None = None,
         body = await _parse(request, CompletionRequest, settings.max_request_body_bytes)
         inp = serving.completion_input(body, arrival)
         return await _admit_and_respond(serving, admission, inp, request)
+
+    # The same two handlers, past FastAPI's stack (their routes above stay for
+    # OpenAPI and for what DirectRoutes does not take).
+    app.direct_routes = {"/v1/chat/completions": chat_completions, "/v1/completions": completions}
 
     @app.post("/tokenize")
     async def tokenize(request: Request) -> JSONResponse:
@@ -143,23 +161,19 @@ async def _parse(request: Request, model: type[BaseModel], limit: int) -> Any:
         chunks.append(chunk)
     raw = b"".join(chunks)
     try:
-        data = json.loads(raw, parse_constant=_refuse_constant)
-        if b"\\ud" in raw or b"\\uD" in raw:  # only an escape can make a lone surrogate
-            json.dumps(data, ensure_ascii=False).encode()  # lone surrogates ("\\ud800") cannot be UTF-8
-    except (UnicodeError, json.JSONDecodeError, ValueError) as exc:
+        # orjson refuses what JSON does not allow and json.loads lets by:
+        # NaN/Infinity, numbers that overflow a double, lone surrogates ("\\ud800").
+        data = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        if "depth limit" in str(exc):
+            raise bad_request("the request body is nested too deeply") from None
         raise bad_request(f"the request body is not valid JSON: {exc}") from None
-    except RecursionError:
-        raise bad_request("the request body is nested too deeply") from None
     if not isinstance(data, dict):
         raise bad_request("the request body must be a JSON object")
     try:
         return model.model_validate(data)
     except ValidationError as exc:
         raise _validation_to_openai(exc.errors()) from None
-
-
-def _refuse_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not a JSON value")
 
 
 def _validation_to_openai(errors: Any) -> OpenAIError:

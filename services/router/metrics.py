@@ -1,6 +1,8 @@
 """All Prometheus metrics of the router, in one registry per app."""
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client import CONTENT_TYPE_LATEST
 
@@ -24,6 +26,7 @@ class RouterMetrics:
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
+        self._routing_children: dict[tuple[str, str, str], tuple[Any, Any, Any, Any]] = {}
         r = self.registry
         self.time_to_first_token = Histogram(
             "splitserve:time_to_first_token_seconds",
@@ -101,11 +104,20 @@ class RouterMetrics:
 
     def observe_routing(self, role: str, policy: str, pod: str,
                         matched_blocks: int, prompt_blocks: int) -> None:
-        self.routing_decisions.labels(role, policy, pod).inc()
+        # Labelled children looked up once per (role, policy, pod), not four
+        # times per request: ``labels()`` takes a lock and builds a key each call.
+        key = (role, policy, pod)
+        children = self._routing_children.get(key)
+        if children is None:
+            children = self._routing_children[key] = (
+                self.routing_decisions.labels(role, policy, pod), self.prefix_blocks_queried.labels(role),
+                self.prefix_blocks_matched.labels(role), self.prefix_hit_ratio.labels(role))
+        decisions, queried, matched, ratio = children
+        decisions.inc()
         if prompt_blocks > 0:
-            self.prefix_blocks_queried.labels(role).inc(prompt_blocks)
-            self.prefix_blocks_matched.labels(role).inc(matched_blocks)
-            self.prefix_hit_ratio.labels(role).observe(matched_blocks / prompt_blocks)
+            queried.inc(prompt_blocks)
+            matched.inc(matched_blocks)
+            ratio.observe(matched_blocks / prompt_blocks)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

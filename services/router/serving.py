@@ -11,6 +11,8 @@ from contextlib import aclosing
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
+import orjson
+
 from splitserve.engine.block_hash import hash_prompt_blocks
 from splitserve.engine.request import TokenLogprobs
 from splitserve.router import formatting as fmt
@@ -188,7 +190,7 @@ class OpenAIServing:
             usage = (fmt.usage(prompt_tokens, completion_tokens, self._cached_tokens(inp, cached))
                      if with_usage else None)
             body = fmt.envelope(request_id, obj, created, inp.model, choices, usage)
-            return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
+            return f"data: {orjson.dumps(body).decode()}\n\n"
 
         held = ""  # written with the next event
         if inp.endpoint == "chat":

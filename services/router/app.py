@@ -6,6 +6,7 @@ builds everything.
 """
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections.abc import Callable
@@ -16,7 +17,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ValidationError
-from starlette.types import ASGIApp
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from splitserve.router.auth import ApiKeyMiddleware
 from splitserve.router.direct_routes import DirectRoutes, Handler
@@ -35,16 +36,23 @@ _SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
 class RouterApp(FastAPI):
-    """FastAPI with the generation routes dispatched ahead of its middleware
-    stack (``DirectRoutes``: set ``direct_routes`` before the first request)
+    """FastAPI with the generation routes dispatched ahead of all of it
+    (``DirectRoutes``: set ``direct_routes`` before the first request; FastAPI's
+    own per-request telemetry check and middleware stack are skipped there)
     and the API-key check (``api_key``, if set) ahead of both."""
 
     direct_routes: dict[str, Handler]
     api_key: str | None = None
+    _front: ASGIApp | None = None
 
-    def build_middleware_stack(self) -> ASGIApp:
-        stack: ASGIApp = DirectRoutes(super().build_middleware_stack(), self.direct_routes)
-        return ApiKeyMiddleware(stack, api_key=self.api_key) if self.api_key is not None else stack
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        front = self._front
+        if front is None:
+            front = DirectRoutes(functools.partial(FastAPI.__call__, self), self.direct_routes)
+            if self.api_key is not None:
+                front = ApiKeyMiddleware(front, api_key=self.api_key)
+            self._front = front
+        await front(scope, receive, send)
 
 
 def create_app(serving: OpenAIServing, settings: RouterSettings | None = None,

@@ -1,15 +1,18 @@
-"""The generation routes, dispatched before FastAPI's middleware stack.
+"""The generation routes, dispatched before FastAPI.
 
-FastAPI runs every request through about ten ASGI layers (server-error and
-telemetry middleware, body limit, exception middleware, exit stack, router
-matching, dependency solving) before a route's code starts: about a tenth of
-the router's CPU per short streamed completion. The two routes every client
+FastAPI runs every request through its telemetry check and about ten ASGI
+layers (server-error and telemetry middleware, body limit, exception
+middleware, exit stack, router matching, dependency solving) before a
+route's code starts: about a tenth of the router's CPU per short streamed
+completion. The two routes every client
 calls (``POST /v1/completions`` and ``/v1/chat/completions``) need none of
 it: they read and bound their own body, answer their own errors in OpenAI's
 shape and stream with ``EventStreamResponse``. ``DirectRoutes`` sends exactly
 those (path and method) to their handler and everything else to the app, so
 OpenAPI, 404/405s and the other routes behave as before. The API-key check
 stays in front of both (``RouterApp`` wraps it outside this dispatcher).
+FastAPI's native OpenTelemetry spans do not cover these two routes; the
+router's Prometheus metrics do.
 """
 from __future__ import annotations
 

@@ -40,9 +40,10 @@ class PrefixIndex:
             self._forget(blocks.popitem(last=False)[0])
 
     def evicted(self, hashes: Iterable[BlockHash]) -> None:
+        pop, forget = self._blocks.pop, self._forget
         for h in hashes:
-            if self._blocks.pop(h, _MISSING) is not _MISSING:
-                self._forget(h)
+            if pop(h, _MISSING) is not _MISSING:
+                forget(h)
 
     def clear(self) -> None:
         for h in self._blocks:
@@ -50,14 +51,21 @@ class PrefixIndex:
         self._blocks.clear()
 
     def _forget(self, h: BlockHash) -> None:
-        if self._holders is None:
+        holders = self._holders
+        if holders is None:
             return
-        pods = self._holders.get(h, ())
+        pods = holders.get(h)
+        if pods is None:
+            return
+        if len(pods) == 1:  # the usual case: this pod was the only holder
+            if pods[0] == self.pod_id:
+                del holders[h]
+            return
         rest = tuple(p for p in pods if p != self.pod_id)
         if rest:
-            self._holders[h] = rest
-        elif pods:
-            del self._holders[h]
+            holders[h] = rest
+        else:
+            del holders[h]
 
     def match_length(self, hashes: Sequence[BlockHash]) -> int:
         """Number of leading blocks of ``hashes`` present (a chain: the first

@@ -236,6 +236,9 @@ int splitserve_paged_attention(
     const int64_t block_stride = num_layers * layer_stride;
     const int64_t num_tasks = num_rows * num_kv_heads;
     const int64_t score_stride = max_seq_len;
+    /* Chunks of 4 tasks where there are plenty; one at a time for a small
+     * batch, so its few (row, kv head) tasks spread over every thread. */
+    const int chunk = num_tasks >= 8 * (int64_t)num_threads ? 4 : 1;
     int status = 0;
 
 #pragma omp parallel num_threads(num_threads)
@@ -247,7 +250,7 @@ int splitserve_paged_attention(
 #pragma omp atomic write
             status = -2;
         }
-#pragma omp for schedule(dynamic, 4)
+#pragma omp for schedule(dynamic, chunk)
         for (int64_t task = 0; task < num_tasks; ++task) {
             const int64_t row = task / num_kv_heads, kvh = task % num_kv_heads;
             const int64_t s = row_seq[row];

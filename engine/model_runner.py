@@ -63,11 +63,17 @@ class ModelRunner:
         self.max_model_len = max_model_len
         self.vocab_size = model.config.vocab_size
         self.eos_token_ids = eos_token_ids
-        self.sampler = Sampler()
+        layer_ops = getattr(backend, "layer_ops", None)
+        self.sampler = Sampler(layer_ops.argmax if layer_ops is not None else None)
         self.masks = BitmaskFiller(self.device)
 
     def prepare_inputs(self, so: SchedulerOutput) -> StepInputs:
         """Token ids, positions, slot mapping and block tables for the step."""
+        if self.device.type == "cpu" and all(n == 1 for n in so.num_scheduled_tokens):
+            return self._prepare_decode_cpu(so)
+        return self._prepare_any(so)
+
+    def _prepare_any(self, so: SchedulerOutput) -> StepInputs:
         bs = self.block_size
         starts = [r.num_computed_tokens for r in so.requests]
         counts = so.num_scheduled_tokens
@@ -85,7 +91,10 @@ class ModelRunner:
         counts_t = torch.tensor(counts, dtype=torch.int64)
         query_start_loc = torch.zeros(len(counts) + 1, dtype=torch.int64)
         torch.cumsum(counts_t, 0, out=query_start_loc[1:])
-        seq_index = torch.repeat_interleave(torch.arange(len(counts)), counts_t)
+        # Not torch.repeat_interleave: on CPU it opens a thread team for any two
+        # sequences (grain 1), and a team member the OS has parked on a busy
+        # core holds the step for a whole time slice (4-8 ms measured).
+        seq_index = torch.tensor([s for s, n in enumerate(counts) for _ in range(n)], dtype=torch.int64)
         row_in_seq = torch.arange(int(query_start_loc[-1])) - query_start_loc[:-1][seq_index]
         positions = torch.tensor(starts, dtype=torch.int64)[seq_index] + row_in_seq
         block_tables = torch.tensor(tables, dtype=torch.int32)
@@ -118,6 +127,46 @@ class ModelRunner:
             positions=positions.to(dev, non_blocking=True),
             metadata=metadata,
             sample_rows=sample_rows.to(dev, non_blocking=True),
+        )
+
+    def _prepare_decode_cpu(self, so: SchedulerOutput) -> StepInputs:
+        """``prepare_inputs`` for a CPU step of one row per sequence: the same
+        tensors from plain lists, without the ~15 small torch ops of the
+        general path (116 -> 28 us at batch 1, 221 -> 69 us at batch 8)."""
+        bs = self.block_size
+        positions = [r.num_computed_tokens for r in so.requests]
+        num_blocks = [p // bs + 1 for p in positions]
+        width = max(num_blocks)
+        tables: list[list[int]] = []
+        slots: list[int] = []
+        for r, p, nb in zip(so.requests, positions, num_blocks):
+            if len(r.block_ids) < nb:
+                raise RuntimeError(f"request {r.request_id} has {len(r.block_ids)} blocks, needs {nb}")
+            tables.append(r.block_ids[:nb] + [0] * (width - nb))
+            slots.append(r.block_ids[p // bs] * bs + p % bs)
+        rows_per_block = self.kv_cache.shape[1] * 2 * bs
+        groups = None
+        block_tables = torch.tensor(tables, dtype=torch.int32)
+        seq_lens = [p + 1 for p in positions]
+        if self.backend.name == "torch":
+            groups = decode_groups(block_tables, seq_lens, bs)
+        num_rows = len(positions)
+        metadata = AttentionMetadata(
+            slot_mapping=torch.tensor(slots, dtype=torch.int64),
+            block_tables=block_tables,
+            seq_lens=torch.tensor(seq_lens, dtype=torch.int32),
+            query_start_loc=torch.arange(num_rows + 1, dtype=torch.int32),
+            max_query_len=1,
+            max_seq_len=max(seq_lens),
+            decode_only=True,
+            decode_groups=groups,
+            cache_rows=torch.tensor([(t // bs) * rows_per_block + t % bs for t in slots], dtype=torch.int64),
+        )
+        return StepInputs(
+            input_ids=torch.tensor([r.token_ids[p] for r, p in zip(so.requests, positions)], dtype=torch.int64),
+            positions=torch.tensor(positions, dtype=torch.int64),
+            metadata=metadata,
+            sample_rows=torch.tensor([i for i, s in enumerate(so.samples) if s], dtype=torch.int64),
         )
 
     @torch.inference_mode()

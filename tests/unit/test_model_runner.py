@@ -98,3 +98,28 @@ def test_cache_too_small_for_one_sequence(tiny_checkpoints: dict) -> None:
     with pytest.raises(ValueError, match="needs 32"):
         load_model_runner(EngineArgs(model=str(tiny_checkpoints["llama"]), device="cpu", block_size=BLOCK,
                                      max_model_len=256, num_gpu_blocks_override=31))
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+def test_decode_inputs_fast_path_equals_the_general_one(tiny_checkpoints: dict, backend: str) -> None:
+    """A CPU step of one row per sequence builds its inputs from plain lists;
+    every tensor equals what the general path builds (block edges, a
+    request that does not sample, non-contiguous blocks)."""
+    runner = load_model_runner(EngineArgs(model=str(tiny_checkpoints["llama"]), device="cpu", block_size=BLOCK,
+                                          max_model_len=256, num_gpu_blocks_override=64,
+                                          attention_backend=backend))
+    reqs = _requests([list(range(1, 1 + n)) for n in (1, BLOCK, BLOCK + 1, 3 * BLOCK - 1, 20)])
+    for r in reqs:
+        r.num_computed_tokens = r.num_tokens - 1
+    so = SchedulerOutput(requests=reqs, num_scheduled_tokens=[1] * len(reqs),
+                         samples=[True, True, False, True, True])
+    fast, general = runner.prepare_inputs(so), runner._prepare_any(so)
+    for name in ("input_ids", "positions", "sample_rows"):
+        got, want = getattr(fast, name), getattr(general, name)
+        assert got.dtype == want.dtype and torch.equal(got, want), name
+    for name in ("slot_mapping", "block_tables", "seq_lens", "query_start_loc", "cache_rows"):
+        got, want = getattr(fast.metadata, name), getattr(general.metadata, name)
+        assert got.dtype == want.dtype and torch.equal(got, want), name
+    for name in ("max_query_len", "max_seq_len", "decode_only"):
+        assert getattr(fast.metadata, name) == getattr(general.metadata, name), name
+    assert (fast.metadata.decode_groups is None) == (general.metadata.decode_groups is None)

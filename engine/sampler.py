@@ -10,7 +10,7 @@ Gumbel-max with noise from ``random_keys`` keyed on (seed, output index).
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -126,7 +126,14 @@ def _penalties(requests: Sequence[Request], vocab_size: int, device: torch.devic
 
 
 class Sampler:
-    """Picks one token per row of ``logits`` [B, V] (any float dtype)."""
+    """Picks one token per row of ``logits`` [B, V] (any float dtype).
+
+    ``argmax``: a faster ``x.argmax(dim=-1)`` for fp32 CPU rows (the CPU
+    backend's ``CPULayerOps.argmax``, same indices), used for the greedy pick.
+    """
+
+    def __init__(self, argmax: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
+        self._argmax = argmax
 
     def __call__(self, logits: torch.Tensor, metadata: SamplingMetadata) -> SamplerOutput:
         logits = logits.float()
@@ -144,7 +151,10 @@ class Sampler:
             logits = banned
         if metadata.penalties is not None:
             logits = apply_penalties(logits, metadata.penalties)
-        tokens = logits.argmax(dim=-1)
+        if self._argmax is not None and logits.device.type == "cpu" and logits.stride(-1) == 1:
+            tokens = self._argmax(logits)
+        else:
+            tokens = logits.argmax(dim=-1)
         if not metadata.all_greedy:
             sampled = self._sample(logits, metadata)
             tokens = torch.where(metadata.greedy, tokens, sampled)

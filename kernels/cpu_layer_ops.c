@@ -12,6 +12,7 @@
 #include <string.h>
 
 #include "cpu_dtype.h"
+#include "cpu_simd.h"
 
 /* Round to the activation dtype (identity for fp32). */
 static inline float to_dtype(float x, int bf16) { return bf16 ? bf16_to_f32(f32_to_bf16(x)) : x; }
@@ -76,4 +77,57 @@ int splitserve_rope_store(const void *qkv, int dtype, int64_t num_tokens, int64_
                (size_t)(kv_width * elem));
     }
     return status;
+}
+
+/* torch.argmax of one row, element by element: the first NaN, else the first maximum. */
+static int64_t argmax_scalar(const float *row, int64_t n) {
+    int64_t found = 0;
+    for (int64_t k = 0; k < n; ++k) {
+        if (row[k] != row[k]) return k;
+        if (row[k] > row[found]) found = k;
+    }
+    return found;
+}
+
+/*
+ * out[r] = the index of row r's largest value, the first on ties (torch.argmax
+ * over the last dim of fp32 [num_rows, row_len] rows, row_stride apart); a
+ * row holding NaN gives its first NaN, as torch does. Vector builds take the
+ * maximum in one pass, then scan for its first index; a row with NaN or inf
+ * (x - x is not 0) takes the scalar loop.
+ */
+void splitserve_argmax_rows(const float *x, int64_t num_rows, int64_t row_len, int64_t row_stride, int64_t *out,
+                            int num_threads) {
+#pragma omp parallel for num_threads(num_rows > 1 ? num_threads : 1) schedule(static)
+    for (int64_t r = 0; r < num_rows; ++r) {
+        const float *row = x + r * row_stride;
+#if defined(SIMD_VF)
+        if (row_len >= 2 * VW) {
+            vf m0 = v_load(row), m1 = v_load(row + VW), bad = v_zero();
+            int64_t i = 2 * VW;
+            for (; i + 2 * VW <= row_len; i += 2 * VW) {
+                const vf a = v_load(row + i), b = v_load(row + i + VW);
+                m0 = v_maxv(m0, a);
+                m1 = v_maxv(m1, b);
+                bad = v_add(bad, v_add(v_sub(a, a), v_sub(b, b)));
+            }
+            float best = v_max(v_maxv(m0, m1));
+            float tail_bad = 0.f;
+            for (; i < row_len; ++i) {
+                best = row[i] > best ? row[i] : best;
+                tail_bad += row[i] - row[i];
+            }
+            const float head_bad = v_sum(v_add(v_sub(v_load(row), v_load(row)),
+                                               v_sub(v_load(row + VW), v_load(row + VW))));
+            if (v_sum(bad) + tail_bad + head_bad == 0.f) {
+                int64_t k = 0;
+                while (k + VW <= row_len && v_max(v_load(row + k)) != best) k += VW;
+                while (row[k] != best) ++k;
+                out[r] = k;
+                continue;
+            }
+        }
+#endif
+        out[r] = argmax_scalar(row, row_len);
+    }
 }

@@ -1,4 +1,4 @@
-"""ctypes front of ``cpu_layer_ops.c``: rotary + K/V store in one call per layer."""
+"""ctypes front of ``cpu_layer_ops.c``: rotary + K/V store in one call per layer; greedy argmax."""
 from __future__ import annotations
 
 import ctypes
@@ -21,6 +21,10 @@ class CPULayerOps:
                        ctypes.c_int]
         fn.restype = ctypes.c_int
         self._rope_store = fn
+        argmax = library.splitserve_argmax_rows
+        argmax.argtypes = [vp, i64, i64, i64, vp, ctypes.c_int]
+        argmax.restype = None
+        self._argmax = argmax
 
     @classmethod
     def load(cls, cache_dir: Path | None = None, level: str | None = None) -> CPULayerOps | None:
@@ -64,3 +68,17 @@ class CPULayerOps:
         if status != 0:
             raise ValueError("rope_store: a position outside the rotary table or a row outside the cache")
         return query
+
+    def argmax(self, logits: torch.Tensor) -> torch.Tensor:
+        """``logits.argmax(dim=-1)`` for fp32 CPU [B, V] rows (unit stride inside a
+        row), the same indices (first on ties, first NaN); int64 [B]. torch's
+        reduction tracks indices element by element, ~28 us for a 32k-token
+        row here; this is one vector pass plus a scan. Raises ValueError on
+        other input."""
+        if (logits.dtype != torch.float32 or logits.dim() != 2 or logits.device.type != "cpu"
+                or logits.stride(1) != 1 or logits.shape[1] == 0):
+            raise ValueError("argmax takes fp32 CPU [B, V] rows with unit stride and V > 0")
+        out = torch.empty(logits.shape[0], dtype=torch.int64)
+        self._argmax(logits.data_ptr(), logits.shape[0], logits.shape[1], logits.stride(0), out.data_ptr(),
+                     torch.get_num_threads())
+        return out

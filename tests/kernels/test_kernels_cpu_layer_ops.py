@@ -63,3 +63,26 @@ def test_rope_store_refuses_bad_input(ops) -> None:
     with pytest.raises(ValueError, match="same dtype"):
         ops.rope_store(qkv, 1, 1, rotary.cos_cache, rotary.sin_cache, torch.tensor([1]), cache.bfloat16(),
                        torch.tensor([0]), 0)
+
+
+@pytest.mark.parametrize("vocab", [1, 7, 16, 33, 32000])
+def test_argmax_equals_torch(ops, vocab) -> None:
+    """The greedy pick equals ``torch.argmax``: first index on ties (-0.0 and
+    0.0 tie), the first NaN where a row has one, infinities, strided rows."""
+    gen = torch.Generator().manual_seed(vocab)
+    rows = [torch.randn(vocab, generator=gen) for _ in range(6)]
+    rows[1] = rows[1].round()  # many ties
+    rows[2][vocab // 2] = float("nan")
+    rows[2][-1] = float("nan")
+    rows[3][:] = float("-inf")
+    rows[4][vocab // 3] = float("inf")
+    rows[4][-1] = float("inf")
+    rows[5][:] = 0.0
+    rows[5][-1] = -0.0
+    x = torch.stack(rows)
+    assert torch.equal(ops.argmax(x), x.argmax(dim=-1))
+    assert torch.equal(ops.argmax(x[:1]), x[:1].argmax(dim=-1))  # one row: no thread team
+    wide = torch.randn(3, 2 * vocab, generator=gen)[:, :vocab]  # rows further apart than their length
+    assert torch.equal(ops.argmax(wide), wide.argmax(dim=-1))
+    with pytest.raises(ValueError, match="fp32"):
+        ops.argmax(x.to(torch.bfloat16))

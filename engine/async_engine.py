@@ -42,6 +42,11 @@ class _Sink:
             pass
 
 
+def _deliver(items: list[tuple[asyncio.Queue, EngineOutput]]) -> None:
+    for queue, item in items:
+        queue.put_nowait(item)
+
+
 def _resolve(loop: asyncio.AbstractEventLoop, future: asyncio.Future[None], error: BaseException | None) -> None:
     def settle() -> None:
         if future.done():
@@ -230,13 +235,20 @@ class AsyncEngine:
             return
         # Before dispatch, so a consumer that saw an output sees stats counting it.
         self._stats = self.core.stats()
+        # One wake-up per event loop per step, not one per request.
+        batches: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, EngineOutput]]] = {}
         for output in outputs:
             sink = self._sinks.get(output.request_id)
             if sink is None:
                 continue
-            sink.put(output)
+            batches.setdefault(sink.loop, []).append((sink.queue, output))
             if output.finished:
                 del self._sinks[output.request_id]
+        for loop, items in batches.items():
+            try:
+                loop.call_soon_threadsafe(_deliver, items)
+            except RuntimeError:  # the consumers' loop is closed: nobody listens
+                pass
 
     def _run_hooks(self) -> None:
         for hook in self._after_step:

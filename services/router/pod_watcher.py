@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -111,6 +112,7 @@ class PodWatcher:
     async def _poll(self, pod: str, role: str) -> None:
         missed = 0
         was_ready = False
+        phase = poll_phase(pod) * self.config.poll_interval_s
         while True:
             ok = await self.poll_once(pod, role)
             missed = 0 if ok else missed + 1
@@ -119,7 +121,12 @@ class PodWatcher:
             if ok != was_ready:
                 logger.info("pod %s (%s) is %s", pod, role, "ready" if ok else "not answering; out of rotation")
                 was_ready = ok
-            await asyncio.sleep(self.config.poll_interval_s)
+            # The first poll is at once (a new pod gets ready fast); then each
+            # pod keeps its own phase, so N pods found together are polled one
+            # by one across the period, not as one burst of N RPCs (at 256 pods
+            # ~100 ms of the router's loop at once, which requests queue behind).
+            await asyncio.sleep(self.config.poll_interval_s + phase)
+            phase = 0.0
 
     async def _follow_kv_events(self, pod: str, role: str) -> None:
         backoff = self.config.backoff_min_s
@@ -139,3 +146,9 @@ class PodWatcher:
                 logger.debug("KV event stream of %s broke: %s", pod, exc)
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, self.config.backoff_max_s)
+
+
+def poll_phase(pod: str) -> float:
+    """The pod's fixed offset in the poll period, as a fraction in [0, 1):
+    a hash of its id, so every router replica spreads the same way."""
+    return zlib.crc32(pod.encode()) / 2**32

@@ -190,7 +190,8 @@ async def _probe(fleet: Fleet, url: str, samples: int) -> dict[str, float]:
     await lean.close()
     await pod.close()
     ms = 1000.0
-    return {"samples": samples, "pod_speedup": SATURATION_SPEEDUP, "router_ttft_p50_ms": percentile(via, 50) * ms,
+    return {"samples": samples, "pod_speedup": SATURATION_SPEEDUP,
+            "router_ttft_p50_ms": percentile(via, 50) * ms,
             "direct_prefill_p50_ms": percentile(direct, 50) * ms,
             "added_p50_ms": (percentile(via, 50) - percentile(direct, 50)) * ms,
             "added_p99_ms": (percentile(via, 99) - percentile(direct, 99)) * ms,
@@ -306,8 +307,8 @@ async def saturation(fleet: Fleet, args: argparse.Namespace) -> dict[str, Any]:
             await connection.close()
     finally:
         proc.stop(60.0)
-    row = {"size": fleet.size, "prompt_tokens": args.sat_prompt_tokens or "workload", "requests": done, "failed": failed, "wall_s": wall, "req_per_s": done / wall,
-           "router_cpu_share": cpu / wall, "req_per_router_cpu_s": done / cpu if cpu else float("nan")}
+    row = {"size": fleet.size, "prompt_tokens": args.sat_prompt_tokens or "workload", "requests": done,
+           "failed": failed, "wall_s": wall, "req_per_s": done / wall, "router_cpu_share": cpu / wall, "req_per_router_cpu_s": done / cpu if cpu else float("nan")}
     print(f"  {fleet.size:4d} pods saturation: {row['req_per_s']:.0f} req/s with the router at "
           f"{row['router_cpu_share']:.0%} of a core ({row['req_per_router_cpu_s']:.0f} req per router CPU-s)",
           flush=True)

@@ -20,7 +20,7 @@ from pydantic import BaseModel, ValidationError
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from splitserve.router.auth import ApiKeyMiddleware
-from splitserve.router.direct_routes import DirectRoutes, Handler
+from splitserve.router.direct_routes import DirectRoutes, Handler, error_response
 from splitserve.router.errors import OpenAIError, bad_request, body_too_large
 from splitserve.router.event_stream import EventStreamResponse
 from splitserve.router.metrics import CONTENT_TYPE
@@ -77,12 +77,11 @@ def create_app(serving: OpenAIServing, settings: RouterSettings | None = None,
 
     @app.exception_handler(OpenAIError)
     async def _openai_error(_: Request, exc: OpenAIError) -> JSONResponse:
-        return JSONResponse(exc.body(), status_code=exc.status_code, headers=exc.headers)
+        return error_response(exc)
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
-        err = _validation_to_openai(exc.errors())
-        return JSONResponse(err.body(), status_code=err.status_code)
+        return error_response(_validation_to_openai(exc.errors()))
 
     @app.get("/health")
     async def health() -> Response:

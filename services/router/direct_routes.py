@@ -4,10 +4,10 @@ FastAPI runs every request through its telemetry check and about ten ASGI
 layers (server-error and telemetry middleware, body limit, exception
 middleware, exit stack, router matching, dependency solving) before a
 route's code starts: about a tenth of the router's CPU per short streamed
-completion. The two routes every client
-calls (``POST /v1/completions`` and ``/v1/chat/completions``) need none of
-it: they read and bound their own body, answer their own errors in OpenAI's
-shape and stream with ``EventStreamResponse``. ``DirectRoutes`` sends exactly
+completion. The two routes every client calls (``POST /v1/completions`` and
+``/v1/chat/completions``) need none of it: they read and bound their own
+body, answer their own errors in OpenAI's shape and stream with
+``EventStreamResponse``. ``DirectRoutes`` sends exactly
 those (path and method) to their handler and everything else to the app, so
 OpenAPI, 404/405s and the other routes behave as before. The API-key check
 stays in front of both (``RouterApp`` wraps it outside this dispatcher).
@@ -25,6 +25,11 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from splitserve.router.errors import OpenAIError
 
 Handler = Callable[[Request], Awaitable[Response]]
+
+
+def error_response(error: OpenAIError) -> JSONResponse:
+    """``error`` as its HTTP answer: OpenAI's body, its status and headers."""
+    return JSONResponse(error.body(), status_code=error.status_code, headers=error.headers)
 
 
 class DirectRoutes:
@@ -46,5 +51,5 @@ class DirectRoutes:
         try:
             response = await handler(Request(scope, receive))
         except OpenAIError as exc:
-            response = JSONResponse(exc.body(), status_code=exc.status_code, headers=exc.headers)
+            response = error_response(exc)
         await response(scope, receive, send)

@@ -210,3 +210,35 @@ async def test_after_step_hooks_run_on_the_engine_thread_and_a_failing_one_is_co
         assert {name for name, _ in seen} == {"splitserve-engine"}
     finally:
         eng.shutdown()
+
+
+async def test_from_engine_args_loads_the_model_on_the_engine_thread(monkeypatch: pytest.MonkeyPatch) -> None:
+    # One OpenMP pool per process: the thread that loads the model (and so
+    # runs torch's parallel regions first) must be the one that steps it.
+    import splitserve.engine.model_runner as model_runner
+
+    template = make_core()
+    loaded_on: list[str] = []
+
+    def load(_args):  # noqa: ANN001, ANN202
+        loaded_on.append(threading.current_thread().name)
+        return template.runner
+
+    monkeypatch.setattr(model_runner, "load_model_runner", load)
+    engine = AsyncEngine.from_engine_args(template.engine_args)
+    try:
+        stream = await engine.submit("r", prompt_of(5), SamplingParams(seed=3, max_tokens=3, ignore_eos=True))
+        assert [t async for out in stream for t in out.new_token_ids] == reference(prompt_of(5), 3, 3)
+        assert loaded_on == ["splitserve-engine"]
+    finally:
+        engine.shutdown()
+    engine.core.check_no_leaks()
+
+
+async def test_a_failing_build_raises_in_the_constructor() -> None:
+    def build():  # noqa: ANN202
+        raise RuntimeError("no weights")
+
+    with pytest.raises(RuntimeError, match="no weights"):
+        AsyncEngine(build)
+    assert not [t for t in threading.enumerate() if t.name == "splitserve-engine"]

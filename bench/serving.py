@@ -248,8 +248,9 @@ def run_deployment(name: str, args: argparse.Namespace, model: str, rates: list[
     try:
         warm = serving_workload(100.0, 2, seed=99, **workload_kwargs)
         asyncio.run(replay(cluster.base_url, model, warm.requests))
-        for rate in (rates if args.client in ("ours", "both") else ()):
-            workload = serving_workload(rate, args.num_requests, seed=args.seed, **workload_kwargs)
+        for index, rate in enumerate(rates if args.client in ("ours", "both") else ()):
+            # A seed per rate: each cell's prompts are new to the prefix cache.
+            workload = serving_workload(rate, args.num_requests, seed=args.seed + index, **workload_kwargs)
             samples, duration = asyncio.run(replay(cluster.base_url, model, workload.requests))
             result = summarize(name, rate, samples, duration)
             results.append(result)
@@ -273,9 +274,9 @@ def vllm_bench_rows(name: str, base_url: str, served_model: str, model_dir: str,
     from bench.peers.vllm_bench_client import VllmBenchSpec, run_vllm_bench
 
     rows = []
-    for rate in rates:
+    for index, rate in enumerate(rates):
         spec = VllmBenchSpec(base_url, served_model, model_dir, rate, args.bench_prompts, args.bench_input_len,
-                             args.bench_output_len, seed=args.seed)
+                             args.bench_output_len, seed=args.seed + index)  # new prompts per cell
         r = run_vllm_bench(spec)
         if not int(r["completed"]):
             raise RuntimeError(f"vllm bench serve: every request to {base_url} failed ({r.get('errors', [])[:1]})")

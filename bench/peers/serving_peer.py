@@ -87,8 +87,9 @@ def run_vllm_deployments(model_dir: Path, rates: list[float], num_requests: int,
     def rates_loop(name: str, make: Callable[[], Any], model: str, one: Any) -> None:
         warm = serving_workload(100.0, 2, seed=99, **workload_kwargs)
         asyncio.run(_replay_with(make, model, warm.requests, one))
-        for rate in (rates if ours else ()):
-            wl = serving_workload(rate, num_requests, seed=seed, **workload_kwargs)
+        for index, rate in enumerate(rates if ours else ()):
+            # A seed per rate: each cell's prompts are new to the prefix cache.
+            wl = serving_workload(rate, num_requests, seed=seed + index, **workload_kwargs)
             samples, duration = asyncio.run(_replay_with(make, model, wl.requests, one))
             row = summarize(name, rate, samples, duration)
             results.append(row)

@@ -239,6 +239,10 @@ async def test_a_failing_build_raises_in_the_constructor() -> None:
     def build():  # noqa: ANN202
         raise RuntimeError("no weights")
 
+    def engine_threads() -> set[threading.Thread]:
+        return {t for t in threading.enumerate() if t.name == "splitserve-engine"}
+
+    before = engine_threads()
     with pytest.raises(RuntimeError, match="no weights"):
         AsyncEngine(build)
-    assert not [t for t in threading.enumerate() if t.name == "splitserve-engine"]
+    assert engine_threads() <= before, "the failed engine's thread is gone"

@@ -29,20 +29,43 @@ class PrefixIndex:
 
     def stored(self, hashes: Iterable[BlockHash]) -> None:
         blocks, holders = self._blocks, self._holders
-        for h in hashes:
-            if h in blocks:
-                blocks.move_to_end(h)
-                continue
-            blocks[h] = None
-            if holders is not None:
-                holders[h] = holders.get(h, ()) + (self.pod_id,)
-        while len(blocks) > self.max_blocks:
-            self._forget(blocks.popitem(last=False)[0])
+        move_to_end = blocks.move_to_end
+        if holders is None:
+            for h in hashes:
+                if h in blocks:
+                    move_to_end(h)
+                else:
+                    blocks[h] = None
+        else:
+            # Hot at fleet size (every request's blocks, twice: the router's
+            # assignment and the pod's event), hence the inlined lookups.
+            get, mine = holders.get, (self.pod_id,)
+            for h in hashes:
+                if h in blocks:
+                    move_to_end(h)
+                    continue
+                blocks[h] = None
+                pods = get(h)
+                holders[h] = mine if pods is None else pods + mine
+        if len(blocks) > self.max_blocks:
+            popitem, forget = blocks.popitem, self._forget
+            while len(blocks) > self.max_blocks:
+                forget(popitem(last=False)[0])
 
     def evicted(self, hashes: Iterable[BlockHash]) -> None:
-        pop, forget = self._blocks.pop, self._forget
+        pop, holders = self._blocks.pop, self._holders
+        if holders is None:
+            for h in hashes:
+                pop(h, None)
+            return
+        get, mine, forget = holders.get, (self.pod_id,), self._forget
         for h in hashes:
-            if pop(h, _MISSING) is not _MISSING:
+            if pop(h, _MISSING) is _MISSING:
+                continue
+            pods = get(h)
+            if pods == mine:  # the usual case: this pod was the only holder
+                del holders[h]
+            elif pods is not None and len(pods) > 1:
                 forget(h)
 
     def clear(self) -> None:

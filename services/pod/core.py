@@ -170,11 +170,13 @@ class PodCore:
                     source, blocks, nbytes = outcome.source, outcome.num_blocks, outcome.num_bytes
                     if outcome.aborted or active.abort.is_set():
                         self.engine.abort(request_id)
+                # Not a finish: the router re-submits prompt + tokens so far elsewhere.
+                cut = out.finished and active.drained and out.finish_reason in (None, "abort")
                 if out.new_token_ids:
-                    yield DecodeChunk(list(out.new_token_ids), list(out.new_logprobs), out.prompt_logprobs)
+                    yield DecodeChunk(list(out.new_token_ids), list(out.new_logprobs), out.prompt_logprobs,
+                                      last=out.finished and not cut)
                 if out.finished:
-                    if active.drained and out.finish_reason in (None, "abort"):
-                        # Not a finish: the router re-submits prompt + tokens so far elsewhere.
+                    if cut or (active.drained and out.finish_reason in (None, "abort")):
                         raise unavailable(f"this pod shut down before {request_id!r} finished; "
                                           "continue on another pod")
                     finished = True

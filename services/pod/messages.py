@@ -81,11 +81,14 @@ class PrefillResult:
 @dataclass(frozen=True)
 class DecodeChunk:
     """New tokens; ``prompt_logprobs`` on token 0's chunk when this pod
-    computed them (``EngineOutput.prompt_logprobs``)."""
+    computed them (``EngineOutput.prompt_logprobs``). ``last``: the step
+    that produced them ended the request, a ``DecodeFinished`` follows at
+    once (a transport may send the two as one message)."""
 
     token_ids: list[int]
     logprobs: list[TokenLogprobs] = field(default_factory=list)
     prompt_logprobs: list[TokenLogprobs | None] | None = None
+    last: bool = False
 
 
 @dataclass(frozen=True)

@@ -77,25 +77,40 @@ class PodServicer(pb_grpc.EngineServicer):
 
     async def Decode(self, request: pb.DecodeRequest,
                      context: grpc.aio.ServicerContext) -> AsyncIterator[pb.DecodeResponse]:
+        # A last chunk waits for its Finished (which follows at once) when the
+        # caller reads Finished.last_chunk: one message fewer per request.
+        held: pb.TokenChunk | None = None
         try:
             handle = handle_from_proto(request.kv_handle) if request.HasField("kv_handle") else None
             events = self.core.decode(request.request_id, list(request.token_ids), request.num_prompt_tokens,
                                       _sampling(request.sampling), handle, request.cache_salt or None)
             async for event in events:
                 if isinstance(event, DecodeChunk):
-                    yield pb.DecodeResponse(chunk=pb.TokenChunk(
+                    chunk = pb.TokenChunk(
                         token_ids=event.token_ids, logprobs=[logprobs_to_proto(lp) for lp in event.logprobs],
-                        prompt_logprobs=prompt_logprobs_to_proto(event.prompt_logprobs)))
+                        prompt_logprobs=prompt_logprobs_to_proto(event.prompt_logprobs))
+                    if event.last and request.accept_last_chunk:
+                        held = chunk
+                    else:
+                        yield pb.DecodeResponse(chunk=chunk)
                 else:
-                    yield pb.DecodeResponse(finished=pb.Finished(
+                    finished = pb.Finished(
                         reason=finish_reason_to_proto(event.reason), num_prompt_tokens=event.num_prompt_tokens,
                         num_output_tokens=event.num_output_tokens, num_cached_tokens=event.num_cached_tokens,
                         kv_source=_SOURCES[event.kv_source], num_pulled_blocks=event.num_pulled_blocks,
-                        num_pulled_bytes=event.num_pulled_bytes))
+                        num_pulled_bytes=event.num_pulled_bytes)
+                    if held is not None:
+                        finished.last_chunk.CopyFrom(held)
+                        held = None
+                    yield pb.DecodeResponse(finished=finished)
         except PodError as exc:
+            if held is not None:
+                yield pb.DecodeResponse(chunk=held)
             yield pb.DecodeResponse(error=pb.Error(code=exc.code, message=exc.message))
         except Exception as exc:  # noqa: BLE001 - reported in-stream
             logger.exception("unexpected error in Decode")
+            if held is not None:
+                yield pb.DecodeResponse(chunk=held)
             message = f"internal error: {type(exc).__name__}"
             yield pb.DecodeResponse(error=pb.Error(code="INTERNAL", message=message))
 

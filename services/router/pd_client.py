@@ -163,7 +163,8 @@ class PodClient:
         """Stream a Decode; closing the iterator cancels the call on the pod."""
         message = pb.DecodeRequest(request_id=request_id, token_ids=token_ids,
                                    num_prompt_tokens=num_prompt_tokens,
-                                   sampling=sampling_to_proto(sampling), cache_salt=cache_salt or "")
+                                   sampling=sampling_to_proto(sampling), cache_salt=cache_salt or "",
+                                   accept_last_chunk=True)
         if kv_handle is not None:
             message.kv_handle.CopyFrom(kv_handle)
         call = self._stub.Decode(message)
@@ -174,8 +175,8 @@ class PodClient:
         try:
             async for response in call:
                 kind = response.WhichOneof("event")
-                if kind == "chunk":
-                    chunk = response.chunk
+                if kind == "chunk" or (kind == "finished" and response.finished.HasField("last_chunk")):
+                    chunk = response.chunk if kind == "chunk" else response.finished.last_chunk
                     prompt_logprobs = None
                     if wants_prompt_logprobs and len(chunk.token_ids):
                         prompt_logprobs = prompt_logprobs_from_proto(chunk.prompt_logprobs)
@@ -183,7 +184,7 @@ class PodClient:
                     yield DecodeChunk(tuple(chunk.token_ids),
                                       tuple(logprobs_list_from_proto(chunk.logprobs))
                                       if len(chunk.logprobs) else None, prompt_logprobs)
-                elif kind == "finished":
+                if kind == "finished":
                     yield _finished(response.finished)
                     return
                 elif kind == "error":

@@ -64,12 +64,14 @@ class SimServicer(PodServicer):
         events = super().Decode(request, context)
         try:
             async for event in events:
+                if breaks:
+                    chunk = _tokens_of(event)
+                    if chunk is not None:
+                        yield pb.DecodeResponse(chunk=chunk)
+                        yield _unavailable(f"injected fault: decode pod {self.pod_name} lost mid-stream")
+                        return
                 if event.HasField("finished") and computes_prompt and self.oracle is not None:
                     self.oracle.complete(request.request_id, self.pod_name, event.finished.num_cached_tokens)
-                if breaks and event.HasField("chunk"):
-                    yield event
-                    yield _unavailable(f"injected fault: decode pod {self.pod_name} lost mid-stream")
-                    return
                 yield event
         finally:
             await events.aclose()  # type: ignore[attr-defined]  # aborts the engine request if unfinished
@@ -104,6 +106,15 @@ class SimServicer(PodServicer):
         handler = self.core.prefill_handler
         if handler is not None and handler.release(request_id) and expired:
             handler.leases.counters.expired += 1
+
+
+def _tokens_of(event: pb.DecodeResponse) -> pb.TokenChunk | None:
+    """The tokens an event carries: a chunk, or a Finished's last chunk."""
+    if event.HasField("chunk"):
+        return event.chunk
+    if event.HasField("finished") and event.finished.HasField("last_chunk"):
+        return event.finished.last_chunk
+    return None
 
 
 def _unavailable(message: str) -> pb.DecodeResponse:

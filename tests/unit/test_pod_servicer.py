@@ -68,3 +68,26 @@ async def test_status_codes_and_error_events(stubs: dict) -> None:
     dcore.draining = True
     events = [e async for e in d.Decode(pb.DecodeRequest(request_id="z", token_ids=[1], sampling=GREEDY))]
     assert events[0].error.code == "UNAVAILABLE"
+
+
+def _stream_tokens(events: list) -> list[int]:
+    return [t for e in events
+            for t in (e.chunk.token_ids if e.HasField("chunk") else e.finished.last_chunk.token_ids)]
+
+
+async def test_last_chunk_rides_in_finished_only_when_the_caller_accepts_it(stubs: dict) -> None:
+    d, dcore = stubs[Role.DECODE]
+    prompt = list(range(1, 12))
+
+    async def run(accept: bool) -> list:
+        return [e async for e in d.Decode(pb.DecodeRequest(request_id=f"last-{accept}", token_ids=prompt,
+                                                           sampling=GREEDY, accept_last_chunk=accept))]
+
+    plain, merged = await run(False), await run(True)
+    # An older router (no accept_last_chunk) still gets every token as a chunk.
+    assert plain[-1].HasField("finished") and not plain[-1].finished.HasField("last_chunk")
+    assert plain[-2].HasField("chunk") and len(plain[-2].chunk.token_ids) > 0
+    assert merged[-1].HasField("finished") and len(merged[-1].finished.last_chunk.token_ids) > 0
+    assert len(_stream_tokens(plain)) == 4 and _stream_tokens(merged) == _stream_tokens(plain)
+    assert all(not e.HasField("error") for e in plain + merged)
+    await wait_clean(dcore)

@@ -133,3 +133,17 @@ async def test_fault_config_validation() -> None:
     assert FaultConfig.from_dict(config.to_dict()) == config
     with pytest.raises(ValueError, match="unknown fault setting"):
         FaultConfig.from_dict({"typo_rate": 0.1})
+
+
+async def test_a_break_on_the_last_tokens_still_breaks_the_stream(fleet) -> None:
+    # One output token: it rides in the Finished event (accept_last_chunk), and
+    # the injected break must still cut the stream after it, not pass it.
+    fleet, clients = fleet
+    fleet.set_faults(FaultConfig(decode_break_rate=1.0))
+    one = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True)
+    got: list[int] = []
+    with pytest.raises(PodCallError) as info:
+        async for event in clients[Role.DECODE].decode("last", PROMPT, 0, one):
+            got += event.token_ids
+    assert info.value.code == grpc.StatusCode.UNAVAILABLE and got == EXPECTED[:1]
+    await _idle(fleet)

@@ -4,7 +4,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from splitserve.engine.attention import AttentionMetadata, CPUAttentionBackend, TorchAttentionBackend, select_backend
+from splitserve.engine.attention import (AttentionMetadata, CPUAttentionBackend, TorchAttentionBackend,
+                                        sdpa_prefill_is_faster, select_backend)
 from splitserve.kernels.paged_attention import paged_attention_reference
 
 BS, LAYERS, KVH, H, D = 8, 2, 2, 4, 16
@@ -50,9 +51,14 @@ def test_torch_backend_matches_reference(q_lens: list[int], seq_lens: list[int])
     ([40, 1], [90, 3]),  # head_dim 16: the tiled path (or SDPA where the build cannot tile)
 ])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_cpu_backend_matches_reference(q_lens: list[int], seq_lens: list[int], dtype: torch.dtype) -> None:
+@pytest.mark.parametrize("fresh_sdpa", [False, True])
+def test_cpu_backend_matches_reference(q_lens: list[int], seq_lens: list[int], dtype: torch.dtype,
+                                       fresh_sdpa: bool) -> None:
     backend = select_backend("cpu", torch.device("cpu"), D, BS, dtype)
     assert isinstance(backend, CPUAttentionBackend)
+    # Both prefill paths on any CPU (the machine's own choice is sdpa_prefill_is_faster's):
+    # a chunk that is its whole context (the 17-row one of 17 tokens) goes to SDPA when set.
+    backend.fresh_prefill_sdpa = fresh_sdpa
     query, cache, meta = _case(q_lens, seq_lens, seed=3)
     query, cache = query.to(dtype), cache.to(dtype)
     tol = 1e-5 if dtype == torch.float32 else 2e-2
@@ -60,6 +66,13 @@ def test_cpu_backend_matches_reference(q_lens: list[int], seq_lens: list[int], d
         expected = paged_attention_reference(query, cache, layer, meta.block_tables, meta.seq_lens,
                                              meta.query_start_loc, 0.25)
         torch.testing.assert_close(backend.forward(query, cache, layer, meta, 0.25), expected, atol=tol, rtol=tol)
+
+
+def test_sdpa_takes_fresh_prefill_only_in_bf16_with_amx() -> None:
+    amx = frozenset({"avx512f", "amx_tile", "amx_bf16"})
+    assert sdpa_prefill_is_faster(torch.bfloat16, amx)
+    assert not sdpa_prefill_is_faster(torch.float32, amx)
+    assert not sdpa_prefill_is_faster(torch.bfloat16, frozenset({"avx512f", "avx512_bf16"}))
 
 
 def test_backend_selection() -> None:

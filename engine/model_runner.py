@@ -277,6 +277,7 @@ def load_model_runner(engine_args: EngineArgs) -> ModelRunner:
     kv_cache = allocate_kv_cache(spec, num_blocks, device)
     backend = select_backend(engine_args.attention_backend, device, config.head_dim, engine_args.block_size,
                              dtype)
+    model.use_layer_ops(getattr(backend, "layer_ops", None))
     eos = eos_token_ids(engine_args.model, _load_tokenizer_or_none(engine_args.model))
     logger.info("model %s (%s, %s, %s attention), max_model_len %d", engine_args.model,
                 config.architecture, str(dtype).removeprefix("torch."), backend.name, max_model_len)

@@ -8,6 +8,7 @@
  * Hugging Face's ops bit for bit (q * cos + rotate_half(q) * sin, each product
  * and the sum rounded to the activation dtype, cos/sin rounded to it first).
  */
+#include <math.h>
 #include <stdint.h>
 #include <string.h>
 
@@ -130,4 +131,89 @@ void splitserve_argmax_rows(const float *x, int64_t num_rows, int64_t row_len, i
 #endif
         out[r] = argmax_scalar(row, row_len);
     }
+}
+
+/*
+ * RMSNorm of bf16 rows as Hugging Face's Llama computes it: in fp32,
+ * y = x * 1 / sqrt(mean(x^2) + eps) rounded to bf16, times the bf16 weight
+ * (that product rounded to bf16). The sum of squares is taken in another
+ * order than torch's, so an output may differ from torch's ops by one bf16
+ * ulp where the fp32 value sits next to a rounding boundary. In torch that
+ * is seven ops and four passes over the rows; here one pass per row.
+ * Returns 0, or -1 for a dtype other than bf16.
+ */
+int splitserve_rms_norm(const void *x, int dtype, int64_t num_rows, int64_t hidden, int64_t row_stride,
+                        const void *weight, float eps, void *out, int num_threads) {
+    if (dtype != DTYPE_BF16) return -1;
+    const uint16_t *xs = (const uint16_t *)x, *w = (const uint16_t *)weight;
+    uint16_t *o = (uint16_t *)out;
+#pragma omp parallel for num_threads(num_rows >= 16 ? num_threads : 1) schedule(static)
+    for (int64_t r = 0; r < num_rows; ++r) {
+        const uint16_t *row = xs + r * row_stride;
+        uint16_t *dst = o + r * hidden;
+        int64_t i = 0;
+        float sum = 0.f;
+#if defined(SIMD_VF)
+        vf acc = v_zero();
+        for (; i + VW <= hidden; i += VW) {
+            const vf v = v_load_kv(row, i, 1);
+            acc = v_fmadd(v, v, acc);
+        }
+        sum = v_sum(acc);
+#endif
+        for (; i < hidden; ++i) {
+            const float v = bf16_to_f32(row[i]);
+            sum += v * v;
+        }
+        const float inv = 1.f / sqrtf(sum / (float)hidden + eps);
+        i = 0;
+#if defined(SIMD_VF)
+        const vf vinv = v_set1(inv);
+        for (; i + VW <= hidden; i += VW) {
+            const vf y = v_round_bf16(v_mul(v_load_kv(row, i, 1), vinv));
+            v_store_bf16(dst + i, v_mul(v_load_kv(w, i, 1), y));
+        }
+#endif
+        for (; i < hidden; ++i) {
+            const float y = to_dtype(bf16_to_f32(row[i]) * inv, 1);
+            dst[i] = f32_to_bf16(bf16_to_f32(w[i]) * y);
+        }
+    }
+    return 0;
+}
+
+/*
+ * SwiGLU of bf16 rows [gate | up] (each `inter` wide): out = silu(gate) * up
+ * with torch's roundings (silu in fp32 as g / (1 + exp(-g)), rounded to
+ * bf16; the product rounded to bf16). Vector builds take exp from the inline
+ * polynomial of cpu_simd.h (about 1 ulp of fp32); after the bf16 rounding an
+ * output may differ from torch's by one bf16 ulp (two where the rounded
+ * activation flipped and the product is near the next power of two). Returns 0, or -1 for
+ * a dtype other than bf16.
+ */
+int splitserve_silu_mul(const void *gate_up, int dtype, int64_t num_rows, int64_t inter, int64_t row_stride,
+                        void *out, int num_threads) {
+    if (dtype != DTYPE_BF16) return -1;
+    const uint16_t *in = (const uint16_t *)gate_up;
+    uint16_t *o = (uint16_t *)out;
+#pragma omp parallel for num_threads(num_rows * inter >= 16384 ? num_threads : 1) schedule(static)
+    for (int64_t r = 0; r < num_rows; ++r) {
+        const uint16_t *g = in + r * row_stride, *u = g + inter;
+        uint16_t *dst = o + r * inter;
+        int64_t i = 0;
+#if defined(SIMD_VF)
+        const vf one = v_set1(1.f), zero = v_zero();
+        for (; i + VW <= inter; i += VW) {
+            const vf gv = v_load_kv(g, i, 1);
+            const vf act = v_round_bf16(v_div(gv, v_add(one, v_exp(v_sub(zero, gv)))));
+            v_store_bf16(dst + i, v_mul(act, v_load_kv(u, i, 1)));
+        }
+#endif
+        for (; i < inter; ++i) {
+            const float gv = bf16_to_f32(g[i]);
+            const float act = to_dtype(gv / (1.f + expf(-gv)), 1);
+            dst[i] = f32_to_bf16(act * bf16_to_f32(u[i]));
+        }
+    }
+    return 0;
 }

@@ -1,4 +1,5 @@
-"""ctypes front of ``cpu_layer_ops.c``: rotary + K/V store in one call per layer; greedy argmax."""
+"""ctypes front of ``cpu_layer_ops.c``: rotary + K/V store in one call per layer; greedy argmax;
+bf16 RMSNorm and SwiGLU in one pass each."""
 from __future__ import annotations
 
 import ctypes
@@ -25,6 +26,14 @@ class CPULayerOps:
         argmax.argtypes = [vp, i64, i64, i64, vp, ctypes.c_int]
         argmax.restype = None
         self._argmax = argmax
+        norm = library.splitserve_rms_norm
+        norm.argtypes = [vp, ctypes.c_int, i64, i64, i64, vp, ctypes.c_float, vp, ctypes.c_int]
+        norm.restype = ctypes.c_int
+        self._rms_norm = norm
+        silu_mul = library.splitserve_silu_mul
+        silu_mul.argtypes = [vp, ctypes.c_int, i64, i64, i64, vp, ctypes.c_int]
+        silu_mul.restype = ctypes.c_int
+        self._silu_mul = silu_mul
 
     @classmethod
     def load(cls, cache_dir: Path | None = None, level: str | None = None) -> CPULayerOps | None:
@@ -81,4 +90,33 @@ class CPULayerOps:
         out = torch.empty(logits.shape[0], dtype=torch.int64)
         self._argmax(logits.data_ptr(), logits.shape[0], logits.shape[1], logits.stride(0), out.data_ptr(),
                      torch.get_num_threads())
+        return out
+
+    def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        """Hugging Face Llama's RMSNorm of bf16 ``x`` [..., N] (unit stride in a
+        row) with bf16 ``weight`` [N]: fp32 math, the normalised value rounded
+        to bf16 before the weight multiplies it. Equal to torch's ops but for
+        an occasional one-ulp difference (another summation order). Raises
+        ValueError on other input."""
+        n = weight.shape[0]
+        if (x.dtype != torch.bfloat16 or weight.dtype != torch.bfloat16 or x.shape[-1] != n
+                or not weight.is_contiguous() or x.stride(-1) != 1):
+            raise ValueError("rms_norm takes bf16 [..., N] rows with unit stride and a contiguous bf16 [N] weight")
+        rows = x.reshape(-1, n)  # a view for contiguous activations and row slices
+        out = torch.empty(rows.shape, dtype=torch.bfloat16)
+        self._rms_norm(rows.data_ptr(), _DTYPE_CODES[torch.bfloat16], rows.shape[0], n, rows.stride(0),
+                       weight.data_ptr(), float(eps), out.data_ptr(), torch.get_num_threads())
+        return out.view(x.shape)
+
+    def silu_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
+        """``silu(gate) * up`` of bf16 rows ``gate_up`` [T, 2 * I] (gate then up,
+        unit stride in a row) -> [T, I], with torch's roundings (see
+        ``rms_norm`` for the one-ulp caveat). Raises ValueError on other input."""
+        if (gate_up.dtype != torch.bfloat16 or gate_up.dim() != 2 or gate_up.shape[1] % 2
+                or gate_up.stride(1) != 1):
+            raise ValueError("silu_mul takes bf16 [T, 2 * I] rows with unit stride")
+        inter = gate_up.shape[1] // 2
+        out = torch.empty(gate_up.shape[0], inter, dtype=torch.bfloat16)
+        self._silu_mul(gate_up.data_ptr(), _DTYPE_CODES[torch.bfloat16], gate_up.shape[0], inter,
+                       gate_up.stride(0), out.data_ptr(), torch.get_num_threads())
         return out

@@ -7,6 +7,8 @@ cache via an ``AttentionBackend``. Parameter names match Hugging Face's, so
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -16,19 +18,28 @@ from splitserve.engine.model_config import ModelConfig
 from splitserve.engine.models.rotary import RopeTable, RotaryEmbedding, apply_rotary
 from splitserve.engine.projection import Projection
 
+if TYPE_CHECKING:
+    from splitserve.kernels.cpu_layer_ops import CPULayerOps
+
 
 class RMSNorm(nn.Module):
-    """RMSNorm computed in fp32, weight applied in the input dtype (as HF Llama)."""
+    """RMSNorm computed in fp32, weight applied in the input dtype (as HF Llama).
+
+    ``ops``: the CPU layer ops (``LlamaForCausalLM.use_layer_ops``), which
+    take bf16 rows in one pass instead of seven torch ops."""
 
     def __init__(self, size: int, eps: float) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.ones(size))
         self.eps = eps
+        self.ops: CPULayerOps | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
         if dtype == torch.float32:  # torch's fused op, the same math (equal bit for bit in our checks)
             return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
+        if self.ops is not None and dtype == torch.bfloat16 and self.weight.dtype == torch.bfloat16:
+            return self.ops.rms_norm(x, self.weight, self.eps)
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x32.to(dtype)
@@ -98,6 +109,7 @@ class LlamaMLP(nn.Module):
         self.intermediate_size = config.intermediate_size
         self.gate_up: Projection | None = None
         self.down: Projection | None = None
+        self.ops: CPULayerOps | None = None  # bf16 SwiGLU in one pass (see RMSNorm)
 
     def prepare(self, packed: bool, batch_size_hint: int) -> None:
         """One matmul for gate and up (see ``Projection``)."""
@@ -107,7 +119,10 @@ class LlamaMLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.gate_up is None or self.down is None:
             return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
-        gate, up = self.gate_up(x).split(self.intermediate_size, dim=-1)
+        gate_up = self.gate_up(x)
+        if self.ops is not None and gate_up.dtype == torch.bfloat16 and gate_up.dim() == 2:
+            return self.down(self.ops.silu_mul(gate_up))
+        gate, up = gate_up.split(self.intermediate_size, dim=-1)
         return self.down(F.silu(gate).mul_(up))
 
 
@@ -166,6 +181,13 @@ class LlamaForCausalLM(nn.Module):
             layer.mlp.prepare(packed, batch_size_hint)
         self.logits = Projection([self.lm_head], packed=packed, batch_size_hint=batch_size_hint,
                                  keep_dense=self.config.tie_word_embeddings)
+
+    def use_layer_ops(self, ops: CPULayerOps | None) -> None:
+        """Route the norms and the SwiGLU of bf16 activations through ``ops``
+        (the CPU attention backend's layer ops; None: torch's ops)."""
+        for module in self.modules():
+            if isinstance(module, (RMSNorm, LlamaMLP)):
+                module.ops = ops
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden) if self.logits is None else self.logits(hidden)

@@ -1,6 +1,7 @@
 """``rope_store`` (cpu_layer_ops.c) equals the torch ops it replaces, bit for bit, in
 every build this CPU runs (``cpu_levels``: an FMA contraction at x86-64-v3 or
-v4 would show here as a last-bit difference)."""
+v4 would show here as a last-bit difference); the bf16 RMSNorm and SwiGLU equal
+theirs but for rare one-ulp differences (another summation order, another exp)."""
 from __future__ import annotations
 
 import shutil
@@ -86,3 +87,47 @@ def test_argmax_equals_torch(ops, vocab) -> None:
     assert torch.equal(ops.argmax(wide), wide.argmax(dim=-1))
     with pytest.raises(ValueError, match="fp32"):
         ops.argmax(x.to(torch.bfloat16))
+
+
+def _bf16_ulps(got: torch.Tensor, expected: torch.Tensor) -> torch.Tensor:
+    """|difference| in units of the last place of bf16, per element."""
+    a, b = got.view(torch.int16).int(), expected.view(torch.int16).int()
+    return (a - b).abs()
+
+
+@pytest.mark.parametrize("rows, hidden, stride_pad", [(1, 512, 0), (37, 512, 0), (16, 100, 12), (300, 64, 0)])
+def test_rms_norm_equals_torch_within_one_ulp(ops, rows, hidden, stride_pad) -> None:
+    gen = torch.Generator().manual_seed(rows + hidden)
+    base = (torch.randn(rows, hidden + stride_pad, generator=gen) * 4).to(torch.bfloat16)
+    x = base[:, :hidden]  # rows with a stride wider than the row, as a slice of a wider tensor
+    weight = (torch.rand(hidden, generator=gen) + 0.5).to(torch.bfloat16)
+    x32 = x.float()
+    expected = weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + 1e-5)).to(torch.bfloat16)
+    got = ops.rms_norm(x, weight, 1e-5)
+    ulps = _bf16_ulps(got, expected)
+    assert got.shape == expected.shape and got.dtype == torch.bfloat16
+    assert ulps.max().item() <= 1 and (ulps > 0).float().mean().item() < 0.01
+
+
+@pytest.mark.parametrize("rows, inter", [(1, 1408), (64, 1408), (7, 100), (2048, 64)])
+def test_silu_mul_equals_torch_within_an_ulp_or_two(ops, rows, inter) -> None:
+    gen = torch.Generator().manual_seed(rows * inter)
+    gate_up = (torch.randn(rows, 2 * inter, generator=gen) * 6).to(torch.bfloat16)
+    gate, up = gate_up.split(inter, dim=-1)
+    expected = torch.nn.functional.silu(gate).mul_(up)
+    got = ops.silu_mul(gate_up)
+    ulps = _bf16_ulps(got, expected)
+    # Two ulps only where the rounded activation flipped (see splitserve_silu_mul).
+    assert got.shape == (rows, inter) and ulps.max().item() <= 2 and (ulps > 0).float().mean().item() < 0.01
+
+
+def test_norm_and_swiglu_refuse_what_they_do_not_take(ops) -> None:
+    weight = torch.ones(8, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="bf16"):
+        ops.rms_norm(torch.ones(2, 8), weight, 1e-5)
+    with pytest.raises(ValueError, match="bf16"):
+        ops.rms_norm(torch.ones(2, 9, dtype=torch.bfloat16), weight, 1e-5)
+    with pytest.raises(ValueError, match="silu_mul"):
+        ops.silu_mul(torch.ones(2, 7, dtype=torch.bfloat16))
+    with pytest.raises(ValueError, match="silu_mul"):
+        ops.silu_mul(torch.ones(2, 8))

@@ -27,7 +27,10 @@ from bench.peers.vllm_offline import RssSampler  # noqa: E402  (stdlib-only help
 
 RESULT_SCHEMA = "splitserve.bench.splitserve_offline/v1"
 BLOCK_SIZE = 16
-MAX_BATCH_TOKENS = 2048
+# The token budget of a step, as vLLM's: its offline ``LLM`` on a CPU defaults
+# to 4096 (its API server to 2048; vllm/engine/arg_utils.py), and the peer
+# runs with its defaults, so ours gets the same budget here.
+MAX_BATCH_TOKENS = 4096
 
 
 def _time_batch(llm: Any, prompts: list[dict[str, Any]], params: Any) -> dict[str, Any]:

@@ -61,6 +61,9 @@ class PodPool:
     def __init__(self, pod_ids: list[str] | None = None) -> None:
         self._pods: dict[str, PodState] = {}
         self._listeners: list[Callable[[], None]] = []
+        # ready_pods() is asked two or three times per request; at hundreds of
+        # pods sorting them each time showed in the router's profile.
+        self._ready: tuple[PodState, ...] | None = None
         for pod_id in pod_ids or []:
             self.add(pod_id)
 
@@ -68,6 +71,7 @@ class PodPool:
         self._listeners.append(callback)
 
     def _changed(self) -> None:
+        self._ready = None
         for callback in self._listeners:
             callback()
 
@@ -129,10 +133,14 @@ class PodPool:
         state.load.waiting_seqs = max(0, state.load.waiting_seqs - 1)
         state.load.queued_prompt_tokens = max(0, state.load.queued_prompt_tokens - num_prompt_tokens)
 
-    def ready_pods(self) -> list[PodState]:
-        """Pods that may take new work (ready and not draining), by id."""
-        return [self._pods[k] for k in sorted(self._pods)
-                if self._pods[k].ready and not self._pods[k].draining]
+    def ready_pods(self) -> tuple[PodState, ...]:
+        """Pods that may take new work (ready and not draining), by id: the
+        same tuple object until the pool's membership or a pod's readiness or
+        draining changes (load updates do not)."""
+        if self._ready is None:
+            self._ready = tuple(self._pods[k] for k in sorted(self._pods)
+                                if self._pods[k].ready and not self._pods[k].draining)
+        return self._ready
 
     def pods(self) -> list[PodState]:
         """Every pod of the pool, whatever its state, by id."""

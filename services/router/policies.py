@@ -4,7 +4,6 @@ rendezvous weights come from BLAKE2b, never Python's ``hash()``)."""
 from __future__ import annotations
 
 import hashlib
-import math
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -87,27 +86,35 @@ class RendezvousOrders:
 
     def __init__(self, max_keys: int = 4096) -> None:
         self.max_keys = max_keys
-        self._orders: OrderedDict[bytes, tuple[tuple[str, ...], list[int]]] = OrderedDict()
+        # key -> (pod ids, the pods tuple it was computed for, positions, the ordered pods)
+        self._orders: OrderedDict[bytes, tuple[tuple[str, ...], Sequence[PodState], list[int],
+                                               tuple[PodState, ...]]] = OrderedDict()
 
-    def order(self, key: bytes, pods: Sequence[PodState]) -> list[PodState]:
-        ids = tuple(p.pod_id for p in pods)
+    def order(self, key: bytes, pods: Sequence[PodState]) -> tuple[PodState, ...]:
         known = self._orders.get(key)
-        if known is not None and known[0] == ids:
+        if known is not None and isinstance(pods, tuple) and known[1] is pods:
+            # The pool's cached ready tuple (immutable): same pods, same order, no pass over them.
             self._orders.move_to_end(key)
-            return [pods[i] for i in known[1]]
-        positions = sorted(range(len(ids)), key=lambda i: (-rendezvous_weight(key, ids[i]), ids[i]))
-        self._orders[key] = (ids, positions)
+            return known[3]
+        ids = tuple(p.pod_id for p in pods)
+        if known is not None and known[0] == ids:
+            positions = known[2]
+        else:
+            positions = sorted(range(len(ids)), key=lambda i: (-rendezvous_weight(key, ids[i]), ids[i]))
+        ordered = tuple(pods[i] for i in positions)
+        self._orders[key] = (ids, pods, positions, ordered)
         self._orders.move_to_end(key)
         if len(self._orders) > self.max_keys:
             self._orders.popitem(last=False)
-        return [pods[i] for i in positions]
+        return ordered
 
 
 def load_bound(pods: Sequence[PodState], load_factor: Fraction) -> int:
     """Most requests one pod may hold after this assignment:
     ceil(c * (total in flight + 1) / pods). With c >= 1 some pod is always under it."""
     total = sum(p.load.num_requests for p in pods) + 1
-    return math.ceil(load_factor * total / len(pods))
+    # ceil(c * total / n) in integers: the same value as with Fractions, a tenth of the time.
+    return -(-load_factor.numerator * total // (load_factor.denominator * len(pods)))
 
 
 def _under_bound(order: Sequence[PodState], load_factor: Fraction) -> list[PodState]:

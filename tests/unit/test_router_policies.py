@@ -197,4 +197,21 @@ def test_remembered_rendezvous_orders_equal_fresh_ones_as_pods_come_and_go(round
     orders = RendezvousOrders(max_keys=2)
     for key, ids in rounds:
         pods = [PodState(pod_id) for pod_id in sorted(ids)]
-        assert orders.order(key, pods) == rendezvous_order(key, pods)
+        assert list(orders.order(key, pods)) == rendezvous_order(key, pods)
+        frozen = tuple(pods)  # a pool's cached ready tuple: asked twice, the second answer is remembered
+        assert list(orders.order(key, frozen)) == list(orders.order(key, frozen)) == rendezvous_order(key, pods)
+
+
+def test_ready_pods_is_one_tuple_until_readiness_or_membership_changes() -> None:
+    pool = PodPool(["b", "a", "c"])
+    first = pool.ready_pods()
+    pool.update_load("a", PodLoad(running_seqs=3))
+    pool.note_assigned("b", 10)
+    assert pool.ready_pods() is first and [p.pod_id for p in first] == ["a", "b", "c"]
+    pool.set_ready("b", False)
+    assert [p.pod_id for p in pool.ready_pods()] == ["a", "c"]
+    pool.set_draining("c", True)
+    pool.add("d")
+    assert [p.pod_id for p in pool.ready_pods()] == ["a", "d"]
+    pool.remove("a")
+    assert [p.pod_id for p in pool.ready_pods()] == ["d"]

@@ -25,6 +25,7 @@ from splitserve.decode.peer_client import PeerClient
 from splitserve.decode.remote_kv import RemoteKV
 from splitserve.engine.async_engine import AsyncEngine
 from splitserve.engine.block_pool import KVCacheEvents
+from splitserve.engine.outputs import EngineOutput
 from splitserve.engine.sampling_params import SamplingParams
 from splitserve.kvtransfer import KVTransport, TransferMetadata
 from splitserve.pod.config import PodConfig
@@ -49,6 +50,12 @@ class _Active:
     abort: asyncio.Event = field(default_factory=asyncio.Event)
     pulling: bool = False
     drained: bool = False  # aborted by the drain: end with UNAVAILABLE, never a normal finish
+
+
+def _cut_by_drain(out: EngineOutput, active: _Active) -> bool:
+    """A finished output that is no finish: the pod drained and aborted it, so
+    the router re-submits prompt + tokens so far elsewhere."""
+    return out.finished and active.drained and out.finish_reason in (None, "abort")
 
 
 class PodCore:
@@ -170,13 +177,11 @@ class PodCore:
                     source, blocks, nbytes = outcome.source, outcome.num_blocks, outcome.num_bytes
                     if outcome.aborted or active.abort.is_set():
                         self.engine.abort(request_id)
-                # Not a finish: the router re-submits prompt + tokens so far elsewhere.
-                cut = out.finished and active.drained and out.finish_reason in (None, "abort")
                 if out.new_token_ids:
                     yield DecodeChunk(list(out.new_token_ids), list(out.new_logprobs), out.prompt_logprobs,
-                                      last=out.finished and not cut)
+                                      last=out.finished and not _cut_by_drain(out, active))
                 if out.finished:
-                    if cut or (active.drained and out.finish_reason in (None, "abort")):
+                    if _cut_by_drain(out, active):  # asked again: the drain may have begun during the yield
                         raise unavailable(f"this pod shut down before {request_id!r} finished; "
                                           "continue on another pod")
                     finished = True

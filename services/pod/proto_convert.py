@@ -140,6 +140,17 @@ def prompt_logprobs_from_proto(messages: Iterable[pb.TokenLogprobs]) -> tuple[To
     return (None, *logprobs_list_from_proto(messages))
 
 
+def decode_tokens(event: pb.DecodeResponse) -> pb.TokenChunk | None:
+    """The tokens a Decode event carries: its chunk, or a Finished event's
+    ``last_chunk`` (see ``DecodeRequest.accept_last_chunk``); None otherwise."""
+    kind = event.WhichOneof("event")
+    if kind == "chunk":
+        return event.chunk
+    if kind == "finished" and event.finished.HasField("last_chunk"):
+        return event.finished.last_chunk
+    return None
+
+
 def finish_reason_to_proto(reason: str | None) -> int:
     if reason is None:
         return pb.FINISH_REASON_UNSPECIFIED

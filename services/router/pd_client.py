@@ -17,7 +17,7 @@ from splitserve.engine.request import TokenLogprobs
 from splitserve.engine.sampling_params import SamplingParams
 from splitserve.proto import splitserve_v1_pb2 as pb
 from splitserve.proto import splitserve_v1_pb2_grpc as pb_grpc
-from splitserve.pod.proto_convert import (finish_reason_from_proto, logprobs_from_proto,
+from splitserve.pod.proto_convert import (decode_tokens, finish_reason_from_proto, logprobs_from_proto,
                                       logprobs_list_from_proto, prompt_logprobs_from_proto, sampling_to_proto)
 from splitserve.router.backend import BackendError
 from splitserve.router.pod_state import PodLoad
@@ -175,8 +175,8 @@ class PodClient:
         try:
             async for response in call:
                 kind = response.WhichOneof("event")
-                if kind == "chunk" or (kind == "finished" and response.finished.HasField("last_chunk")):
-                    chunk = response.chunk if kind == "chunk" else response.finished.last_chunk
+                chunk = decode_tokens(response)
+                if chunk is not None:
                     prompt_logprobs = None
                     if wants_prompt_logprobs and len(chunk.token_ids):
                         prompt_logprobs = prompt_logprobs_from_proto(chunk.prompt_logprobs)

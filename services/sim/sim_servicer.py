@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator
 import grpc
 
 from splitserve.pod.core import PodCore
+from splitserve.pod.proto_convert import decode_tokens
 from splitserve.pod.servicer import PodServicer
 from splitserve.proto import splitserve_v1_pb2 as pb
 from splitserve.sim.faults import FaultInjector
@@ -65,7 +66,7 @@ class SimServicer(PodServicer):
         try:
             async for event in events:
                 if breaks:
-                    chunk = _tokens_of(event)
+                    chunk = decode_tokens(event)
                     if chunk is not None:
                         yield pb.DecodeResponse(chunk=chunk)
                         yield _unavailable(f"injected fault: decode pod {self.pod_name} lost mid-stream")
@@ -106,15 +107,6 @@ class SimServicer(PodServicer):
         handler = self.core.prefill_handler
         if handler is not None and handler.release(request_id) and expired:
             handler.leases.counters.expired += 1
-
-
-def _tokens_of(event: pb.DecodeResponse) -> pb.TokenChunk | None:
-    """The tokens an event carries: a chunk, or a Finished's last chunk."""
-    if event.HasField("chunk"):
-        return event.chunk
-    if event.HasField("finished") and event.finished.HasField("last_chunk"):
-        return event.finished.last_chunk
-    return None
 
 
 def _unavailable(message: str) -> pb.DecodeResponse:

@@ -64,6 +64,19 @@ async def _idle(fleet: SimFleet) -> None:
 EXPECTED = sim_tokens(PROMPT, 6, MODEL.vocab_size)
 
 
+async def _broken_decode(fleet: SimFleet, clients: dict, request_id: str, params: SamplingParams) -> list[int]:
+    """A Decode with every stream broken by the fault injector: the tokens it
+    streamed before it ended UNAVAILABLE; the pods hold nothing afterwards."""
+    fleet.set_faults(FaultConfig(decode_break_rate=1.0))
+    got: list[int] = []
+    with pytest.raises(PodCallError) as info:
+        async for event in clients[Role.DECODE].decode(request_id, PROMPT, 0, params):
+            got += event.token_ids
+    assert info.value.code == grpc.StatusCode.UNAVAILABLE
+    await _idle(fleet)
+    return got
+
+
 async def test_clean_handoff_pulls_and_the_oracle_sees_it(fleet) -> None:
     fleet, clients = fleet
     assert await _pd(clients, "a") == (EXPECTED, "pulled")
@@ -107,13 +120,8 @@ async def test_rpc_errors_are_unavailable_and_only_on_the_chosen_rpcs(fleet) -> 
 
 async def test_decode_breaks_mid_stream_and_frees_its_blocks(fleet) -> None:
     fleet, clients = fleet
-    fleet.set_faults(FaultConfig(decode_break_rate=1.0))
-    got: list[int] = []
-    with pytest.raises(PodCallError) as info:
-        async for event in clients[Role.DECODE].decode("z", PROMPT, 0, GREEDY):
-            got += event.token_ids
-    assert info.value.code == grpc.StatusCode.UNAVAILABLE and got == EXPECTED[:1]
-    await _idle(fleet)
+    got = await _broken_decode(fleet, clients, "z", GREEDY)
+    assert got == EXPECTED[:1]
     # The router's failover: prompt + tokens so far to a pod, same continuation.
     fleet.set_faults(FaultConfig())
     rest: list[int] = []
@@ -139,11 +147,5 @@ async def test_a_break_on_the_last_tokens_still_breaks_the_stream(fleet) -> None
     # One output token: it rides in the Finished event (accept_last_chunk), and
     # the injected break must still cut the stream after it, not pass it.
     fleet, clients = fleet
-    fleet.set_faults(FaultConfig(decode_break_rate=1.0))
     one = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True)
-    got: list[int] = []
-    with pytest.raises(PodCallError) as info:
-        async for event in clients[Role.DECODE].decode("last", PROMPT, 0, one):
-            got += event.token_ids
-    assert info.value.code == grpc.StatusCode.UNAVAILABLE and got == EXPECTED[:1]
-    await _idle(fleet)
+    assert await _broken_decode(fleet, clients, "last", one) == EXPECTED[:1]

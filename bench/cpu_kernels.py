@@ -1,4 +1,4 @@
-"""CPU speed of the C paged-attention kernels, per build level (``bench/kernels.py --cpu``).
+"""CPU speed of the C paged-attention kernels, per build level (``bench/attention_kernels.py --cpu``).
 
 Each build (``native`` and the portable levels of ``kernels/cpu_isa.py``
 this CPU runs, or those named by ``--level``; any library file by
@@ -144,7 +144,7 @@ def _cpu_model() -> str:
 
 
 def cpu_main(ns: argparse.Namespace) -> int:
-    """``bench/kernels.py --cpu``: ``ns`` carries level, library, cache_dir, threads, rounds, quick, json."""
+    """``bench/attention_kernels.py --cpu``: ``ns`` carries level, library, cache_dir, threads, rounds, quick, json."""
     torch.set_num_threads(ns.threads)
     cpu = CpuInfo.current()
     builds: list[tuple[str, CPUPagedAttention]] = []

@@ -9,7 +9,7 @@ recorded and the next one runs:
 3. ``exactness``: ``pytest tests/unit/test_exactness.py -m gpu`` (engine greedy vs
    transformers on CUDA with the Triton backend: fp32 token-identical, bf16 within a
    logit tolerance), junit XML;
-4. ``kernel_bench``: ``bench/kernels.py --json`` (decode/prefill vs SDPA and copy bandwidth);
+4. ``kernel_bench``: ``bench/attention_kernels.py --json`` (decode/prefill vs SDPA and copy bandwidth);
 5. ``engine_throughput``: ``bench/engine_throughput.py`` on the ~0.5B random Llama,
    256 offline requests, beside transformers ``generate_batch``.
 
@@ -170,11 +170,11 @@ def plan(out: Path, dry_run: bool, python: str, cuda: bool, xdist: bool = False)
                            "--junitxml", str(out / "exactness.xml")], 75, interp, ["exactness.xml"]),
     ]
     if dry_run and not cuda:
-        # bench/kernels.py without CUDA runs its interpreter smoke test only (no JSON).
-        steps.append(Step("kernel_bench", [python, "bench/kernels.py", "--quick"], 120, interp,
+        # bench/attention_kernels.py without CUDA runs its interpreter smoke test only (no JSON).
+        steps.append(Step("kernel_bench", [python, "bench/attention_kernels.py", "--quick"], 120, interp,
                           fallback_reason="no CUDA device: ran the interpreter smoke test only, no timings"))
     else:
-        steps.append(Step("kernel_bench", [python, "bench/kernels.py", *(["--quick"] if dry_run else []),
+        steps.append(Step("kernel_bench", [python, "bench/attention_kernels.py", *(["--quick"] if dry_run else []),
                                            "--json", str(out / "kernel_bench.json")], 150, {},
                           ["kernel_bench.json"], skip_reason=no_gpu))
     fallback = None

@@ -2,7 +2,7 @@
 
 The interpreter runs the kernels' maths, masking and indexing, not the GPU's
 codegen: bf16 tl.dot operands are upcast to fp32 there (its dot mishandles
-bf16), and fp32 dots run in IEEE, not TF32. Speed is bench/kernels.py's job.
+bf16), and fp32 dots run in IEEE, not TF32. Speed is bench/attention_kernels.py's job.
 """
 from __future__ import annotations
 

@@ -14,7 +14,7 @@ in the engine). ``paged_attention`` is timed with ``validate=False`` and the
 host-known maxima (as the engine calls it); ``checked_ms`` is the default
 call including its one host sync.
 
-CLI: ``python bench/kernels.py [--quick] [--json PATH]``. Without CUDA it says
+CLI: ``python bench/attention_kernels.py [--quick] [--json PATH]``. Without CUDA it says
 so and exits 0; with ``--quick`` it first runs a tiny interpreter smoke test
 (correctness only, no timings).
 
@@ -218,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
 
         return cpu_main(ns)
     if not torch.cuda.is_available():
-        print("no CUDA device: GPU timings need a GPU (bench/kernels.py on one produces the figures)")
+        print("no CUDA device: GPU timings need a GPU (bench/attention_kernels.py on one produces the figures)")
         if ns.quick:
             interpreter_smoke()
         return 0

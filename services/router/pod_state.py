@@ -47,6 +47,15 @@ class PodState:
         return "ready" if self.ready else "not_ready"
 
 
+class ReadyPods(tuple):  # type: ignore[type-arg]  # tuple[PodState, ...]
+    """``PodPool.ready_pods``: the routable pods by id, plus ``in_flight``,
+    the requests in flight on all of them, which the pool keeps current as
+    loads change (the load bound needs it per decision; summing it over
+    hundreds of pods each time was most of a decision's cost)."""
+
+    in_flight: int = 0
+
+
 class PodPool:
     """The pods of one role, keyed by id; the order of ``ready_pods`` is by id
     so every router replica sees the same list.
@@ -55,7 +64,9 @@ class PodPool:
     ignore ids the pool no longer holds: a request still running on a removed
     pod may report back after the pod left. ``subscribe`` registers a callback
     run (synchronously, on the caller's thread) whenever a pod joins, leaves
-    or changes routability.
+    or changes routability. Loads change only through the pool
+    (``update_load``, ``note_assigned``, ``note_done``): it keeps their
+    total over the ready pods.
     """
 
     def __init__(self, pod_ids: list[str] | None = None) -> None:
@@ -63,7 +74,7 @@ class PodPool:
         self._listeners: list[Callable[[], None]] = []
         # ready_pods() is asked two or three times per request; at hundreds of
         # pods sorting them each time showed in the router's profile.
-        self._ready: tuple[PodState, ...] | None = None
+        self._ready: ReadyPods | None = None
         for pod_id in pod_ids or []:
             self.add(pod_id)
 
@@ -112,7 +123,13 @@ class PodPool:
     def update_load(self, pod_id: str, load: PodLoad) -> None:
         state = self._pods.get(pod_id)
         if state is not None:
+            self._count(state, load.num_requests - state.load.num_requests)
             state.load = load
+
+    def _count(self, state: PodState, change: int) -> None:
+        ready = self._ready
+        if ready is not None and change and state.ready and not state.draining:
+            ready.in_flight += change
 
     def note_assigned(self, pod_id: str, num_prompt_tokens: int) -> None:
         """Count a request the router just sent, until the next poll says better."""
@@ -122,6 +139,7 @@ class PodPool:
         load = state.load
         load.waiting_seqs += 1
         load.queued_prompt_tokens += num_prompt_tokens
+        self._count(state, 1)
 
     def note_done(self, pod_id: str, num_prompt_tokens: int) -> None:
         """Undo ``note_assigned`` once the router sees the work end (a Prefill
@@ -130,16 +148,20 @@ class PodPool:
         state = self._pods.get(pod_id)
         if state is None:
             return
-        state.load.waiting_seqs = max(0, state.load.waiting_seqs - 1)
+        if state.load.waiting_seqs > 0:
+            state.load.waiting_seqs -= 1
+            self._count(state, -1)
         state.load.queued_prompt_tokens = max(0, state.load.queued_prompt_tokens - num_prompt_tokens)
 
-    def ready_pods(self) -> tuple[PodState, ...]:
+    def ready_pods(self) -> ReadyPods:
         """Pods that may take new work (ready and not draining), by id: the
         same tuple object until the pool's membership or a pod's readiness or
         draining changes (load updates do not)."""
         if self._ready is None:
-            self._ready = tuple(self._pods[k] for k in sorted(self._pods)
-                                if self._pods[k].ready and not self._pods[k].draining)
+            ready = ReadyPods(self._pods[k] for k in sorted(self._pods)
+                              if self._pods[k].ready and not self._pods[k].draining)
+            ready.in_flight = sum(p.load.num_requests for p in ready)
+            self._ready = ready
         return self._ready
 
     def pods(self) -> list[PodState]:

@@ -86,40 +86,71 @@ class RendezvousOrders:
 
     def __init__(self, max_keys: int = 4096) -> None:
         self.max_keys = max_keys
-        # key -> (pod ids, the pods tuple it was computed for, positions, the ordered pods)
+        # key -> (pod ids, the pods sequence it was computed for, positions, the ordered pods, rank by id)
         self._orders: OrderedDict[bytes, tuple[tuple[str, ...], Sequence[PodState], list[int],
-                                               tuple[PodState, ...]]] = OrderedDict()
+                                               tuple[PodState, ...], dict[str, int]]] = OrderedDict()
 
     def order(self, key: bytes, pods: Sequence[PodState]) -> tuple[PodState, ...]:
+        return self.ranked(key, pods)[0]
+
+    def ranked(self, key: bytes, pods: Sequence[PodState]) -> tuple[tuple[PodState, ...], dict[str, int]]:
+        """The order and each pod id's place in it."""
         known = self._orders.get(key)
         if known is not None and isinstance(pods, tuple) and known[1] is pods:
             # The pool's cached ready tuple (immutable): same pods, same order, no pass over them.
             self._orders.move_to_end(key)
-            return known[3]
+            return known[3], known[4]
         ids = tuple(p.pod_id for p in pods)
         if known is not None and known[0] == ids:
             positions = known[2]
         else:
             positions = sorted(range(len(ids)), key=lambda i: (-rendezvous_weight(key, ids[i]), ids[i]))
         ordered = tuple(pods[i] for i in positions)
-        self._orders[key] = (ids, pods, positions, ordered)
+        rank = {pod.pod_id: place for place, pod in enumerate(ordered)}
+        self._orders[key] = (ids, pods, positions, ordered, rank)
         self._orders.move_to_end(key)
         if len(self._orders) > self.max_keys:
             self._orders.popitem(last=False)
-        return ordered
+        return ordered, rank
 
 
 def load_bound(pods: Sequence[PodState], load_factor: Fraction) -> int:
     """Most requests one pod may hold after this assignment:
-    ceil(c * (total in flight + 1) / pods). With c >= 1 some pod is always under it."""
-    total = sum(p.load.num_requests for p in pods) + 1
+    ceil(c * (total in flight + 1) / pods). With c >= 1 some pod is always under it.
+    The pool's ``ReadyPods`` carry that total; any other sequence is summed."""
+    in_flight = getattr(pods, "in_flight", None)
+    total = (sum(p.load.num_requests for p in pods) if in_flight is None else in_flight) + 1
     # ceil(c * total / n) in integers: the same value as with Fractions, a tenth of the time.
     return -(-load_factor.numerator * total // (load_factor.denominator * len(pods)))
 
 
-def _under_bound(order: Sequence[PodState], load_factor: Fraction) -> list[PodState]:
-    cap = load_bound(order, load_factor)
-    return [p for p in order if p.load.num_requests + 1 <= cap] or list(order)
+class _LazyBound:
+    """``load_bound`` of ``pods``, computed on the first pod that needs it: a
+    pod with nothing in flight is under any bound (the bound is >= 1), and at
+    hundreds of pods the sum over all of them is most of a routing decision."""
+
+    __slots__ = ("pods", "load_factor", "cap")
+
+    def __init__(self, pods: Sequence[PodState], load_factor: Fraction) -> None:
+        self.pods, self.load_factor, self.cap = pods, load_factor, -1
+
+    def admits(self, in_flight: int) -> bool:
+        """Whether a pod with ``in_flight`` requests may take one more."""
+        if in_flight == 0:
+            return True
+        if self.cap < 0:
+            self.cap = load_bound(self.pods, self.load_factor)
+        return in_flight + 1 <= self.cap
+
+
+def _first_under_bound(order: Sequence[PodState], bound: _LazyBound) -> PodState:
+    """The first pod of ``order`` under the load bound (nearly always the
+    first one: the scan stops there)."""
+    for pod in order:
+        load = pod.load
+        if bound.admits(load.running_seqs + load.waiting_seqs):
+            return pod
+    return order[0]  # unreachable with load_factor >= 1 (some pod is always under the bound)
 
 
 def _require(pods: Sequence[PodState], role: str = "prefill") -> None:
@@ -149,6 +180,8 @@ class KvAffinityPolicy:
 
     def __init__(self, block_size: int, load_factor: float = 1.25,
                  affinity_weight: float = 1.0, load_weight: float = 1.0) -> None:
+        if affinity_weight < 0 or load_weight < 0:
+            raise ValueError(f"affinity_weight and load_weight must be >= 0, got {affinity_weight}, {load_weight}")
         self.block_size = block_size
         self.load_factor = _factor(load_factor)
         self._orders = RendezvousOrders()
@@ -157,21 +190,48 @@ class KvAffinityPolicy:
 
     def choose(self, request: RouteRequest, pods: Sequence[PodState],
                index: PrefixIndexMap) -> RouteDecision:
+        """The best score among pods under the load bound, the first in
+        rendezvous order on ties. Only the pods holding the prompt's first
+        block are walked, and pods without a match are scanned in order only
+        while one of them could still win (its score is at most 0): the
+        decision is the same as scoring every pod, at a few pods' cost."""
         _require(pods)
-        order = self._orders.order(request.affinity_key, pods)
-        candidates = _under_bound(order, self.load_factor)
-        matches = index.match_lengths((p.pod_id for p in candidates), request.block_hashes)
-        if max(matches.values()) == 0:
-            chosen = candidates[0]
-            reason = "hash" if chosen is order[0] else "bounded"
-            return RouteDecision(chosen.pod_id, 0, reason)
-
-        def score(pod: PodState) -> float:
-            return (matches[pod.pod_id] * self.block_size * self.affinity_weight
-                    - pod.load.queued_prompt_tokens * self.load_weight)
-
-        chosen = max(candidates, key=score)  # max keeps the first best: rendezvous order breaks ties
-        return RouteDecision(chosen.pod_id, matches[chosen.pod_id], "affinity")
+        order, rank = self._orders.ranked(request.affinity_key, pods)
+        bound = _LazyBound(pods, self.load_factor)
+        best: PodState | None = None
+        best_score = best_rank = best_match = 0
+        block_size, affinity_weight, load_weight = self.block_size, self.affinity_weight, self.load_weight
+        holders = index.holder_matches(request.block_hashes)
+        for pod_id, matched in holders.items():
+            place = rank.get(pod_id)
+            if place is None:
+                continue
+            pod = order[place]
+            load = pod.load
+            if not bound.admits(load.running_seqs + load.waiting_seqs):
+                continue
+            score = matched * block_size * affinity_weight - load.queued_prompt_tokens * load_weight
+            if best is None or score > best_score or (score == best_score and place < best_rank):
+                best, best_score, best_rank, best_match = pod, score, place, matched
+        if best is None:  # no candidate holds the prompt's start: rendezvous order, bounded
+            chosen = _first_under_bound(order, bound)
+            return RouteDecision(chosen.pod_id, 0, "hash" if chosen is order[0] else "bounded")
+        if best_score <= 0:
+            # A pod without a match scores -queued * load_weight <= 0: it wins over a
+            # best score it beats, or ties earlier in the order. The scan stops at
+            # the first such pod scoring 0 (nothing later can beat it).
+            for place, pod in enumerate(order):
+                if place >= best_rank and best_score == 0:
+                    break
+                load = pod.load
+                if pod.pod_id in holders or not bound.admits(load.running_seqs + load.waiting_seqs):
+                    continue  # a holder was scored above (or is over the bound)
+                score = -load.queued_prompt_tokens * load_weight
+                if score > best_score or (score == best_score and place < best_rank):
+                    best, best_score, best_rank, best_match = pod, score, place, 0
+                if score == 0:
+                    break
+        return RouteDecision(best.pod_id, best_match, "affinity")
 
 
 class ConsistentHashPolicy:
@@ -187,7 +247,7 @@ class ConsistentHashPolicy:
                index: PrefixIndexMap) -> RouteDecision:
         _require(pods)
         order = self._orders.order(request.affinity_key, pods)
-        chosen = _under_bound(order, self.load_factor)[0]
+        chosen = _first_under_bound(order, _LazyBound(pods, self.load_factor))
         return RouteDecision(chosen.pod_id, index.match_length(chosen.pod_id, request.block_hashes),
                              "hash" if chosen is order[0] else "bounded")
 
@@ -243,20 +303,40 @@ class DecodePolicy:
     def choose(self, request: RouteRequest, pods: Sequence[PodState],
                index: PrefixIndexMap) -> RouteDecision:
         _require(pods, "decode")
-        order = self._orders.order(request.affinity_key, pods)
-        matches = index.match_lengths((p.pod_id for p in order), request.block_hashes)
+        order, rank = self._orders.ranked(request.affinity_key, pods)
+        holders = index.holder_matches(request.block_hashes)
         needed = -(-(request.num_prompt_tokens + 1) // self.block_size)
+        cap = load_bound(pods, self.load_factor)
+        # The least key (-matched, in flight, -free blocks) among pods under the
+        # bound with room, else among all under the bound; the first in
+        # rendezvous order on ties. A pod holding the prefix with room beats
+        # every pod without it, so the holders alone decide when one qualifies.
+        best = self._least([order[place] for place in sorted(rank[p] for p in holders if p in rank)],
+                           holders, cap, needed)
+        if best[0] is None:
+            best = self._least(order, holders, cap, needed)
+        chosen = best[0] or best[1] or order[0]  # order[0]: unreachable with load_factor >= 1
+        matched = holders.get(chosen.pod_id, 0)
+        return RouteDecision(chosen.pod_id, matched, "prefix" if matched else "least_loaded")
 
-        def fits(pod: PodState) -> bool:
-            room = pod.load.total_blocks == 0 or pod.load.free_blocks >= needed - matches[pod.pod_id]
-            return room
-
-        bounded = _under_bound(order, self.load_factor)
-        candidates = [p for p in bounded if fits(p)] or bounded
-        chosen = min(candidates, key=lambda p: (-matches[p.pod_id], p.load.num_requests,
-                                                -p.load.free_blocks))
-        return RouteDecision(chosen.pod_id, matches[chosen.pod_id],
-                             "prefix" if matches[chosen.pod_id] else "least_loaded")
+    @staticmethod
+    def _least(pods: Sequence[PodState], holders: dict[str, int], cap: int,
+               needed: int) -> tuple[PodState | None, PodState | None]:
+        """(least with room, least of all) among ``pods`` under ``cap``."""
+        fit = least = None
+        fit_key = least_key = (0, 0, 0)
+        for pod in pods:
+            load = pod.load
+            in_flight = load.running_seqs + load.waiting_seqs
+            if in_flight >= cap:
+                continue
+            matched = holders.get(pod.pod_id, 0) if holders else 0
+            key = (-matched, in_flight, -load.free_blocks)
+            if least is None or key < least_key:
+                least, least_key = pod, key
+            if (load.total_blocks == 0 or load.free_blocks >= needed - matched) and (fit is None or key < fit_key):
+                fit, fit_key = pod, key
+        return fit, least
 
 
 PREFILL_POLICIES = ("kv_affinity", "consistent_hash", "least_loaded", "round_robin")

@@ -138,8 +138,15 @@ class PrefixIndexMap:
         """``match_length`` of every pod in ``pod_ids``; only the pods holding
         the chain's first block are walked (most pods hold none of a prompt)."""
         matches = dict.fromkeys(pod_ids, 0)
-        if hashes:
-            for pod_id in self._holders.get(hashes[0], ()):
-                if pod_id in matches:
-                    matches[pod_id] = self._indexes[pod_id].match_length(hashes)
+        for pod_id, matched in self.holder_matches(hashes).items():
+            if pod_id in matches:
+                matches[pod_id] = matched
         return matches
+
+    def holder_matches(self, hashes: Sequence[BlockHash]) -> dict[str, int]:
+        """``match_length`` (>= 1) of each pod holding the chain's first block,
+        whatever its state; every other pod matches 0 blocks."""
+        if not hashes:
+            return {}
+        indexes = self._indexes
+        return {pod_id: indexes[pod_id].match_length(hashes) for pod_id in self._holders.get(hashes[0], ())}

@@ -16,6 +16,8 @@ from typing import Any
 
 import uvicorn
 
+from splitserve.coalesced_writes import CoalescingHttpProtocol
+
 
 class _QuietSignalServer(uvicorn.Server):
     @contextlib.contextmanager
@@ -53,13 +55,15 @@ class HTTPTLS:
 @dataclass
 class EmbeddedHTTPServer:
     """Serve an ASGI app on host:port as a task of the running loop (HTTPS
-    when ``tls``)."""
+    when ``tls``). ``coalesce_writes``: what a response writes in one loop
+    pass leaves as one socket send (``coalesced_writes``)."""
 
     app: Any
     host: str
     port: int
     log_level: str = "warning"
     tls: HTTPTLS | None = None
+    coalesce_writes: bool = False
     _server: _QuietSignalServer | None = field(default=None, init=False)
     _task: asyncio.Task[None] | None = field(default=None, init=False)
 
@@ -67,6 +71,7 @@ class EmbeddedHTTPServer:
         """Return once the socket is bound; raise ``OSError`` if it cannot be."""
         config = uvicorn.Config(self.app, host=self.host, port=self.port, log_level=self.log_level,
                                 access_log=False, lifespan="off",
+                                **({"http": CoalescingHttpProtocol} if self.coalesce_writes else {}),
                                 **(self.tls.uvicorn_kwargs() if self.tls is not None else {}))
         self._server = _QuietSignalServer(config)
         self._task = asyncio.create_task(self._server.serve())

@@ -182,7 +182,8 @@ async def serve(config: RouterConfig, stop: asyncio.Event | None = None) -> None
         loop.add_signal_handler(sig, stop.set)
     discovery = asyncio.create_task(parts.source.run(parts.feed), name=f"discovery:{parts.source.name}")
     tracker = RequestTracker(parts.app)
-    https = [EmbeddedHTTPServer(tracker, host, config.port, tls=config.http_tls) for host in config.hosts]
+    https = [EmbeddedHTTPServer(tracker, host, config.port, tls=config.http_tls, coalesce_writes=True)
+             for host in config.hosts]
     scaler = ScalerServer(parts.scaler, config.host, config.scaler_port) if config.scaler_port else None
     try:
         for http in https:

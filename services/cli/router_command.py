@@ -98,7 +98,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     api.add_argument("--enable-prompt-tokens-details", action="store_true",
                      help="report usage.prompt_tokens_details.cached_tokens")
     parser.add_argument("--poll-interval", type=float, default=0.2,
-                        help="seconds between load polls of each pod (default 0.2)")
+                        help="seconds between load polls of each pod, and at most how often a pod streams a "
+                             "changed load (default 0.2)")
+    parser.add_argument("--load-heartbeat", type=float, default=1.0,
+                        help="pods stream their load on the KV-event stream at least this often (seconds) and "
+                             "are not polled while they do; 0: poll GetLoad only (default 1.0)")
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     parser.set_defaults(handler=run)
 
@@ -141,7 +145,7 @@ def run(args: argparse.Namespace) -> int:
             pd_threshold_tokens=args.pd_threshold_tokens, block_size=args.block_size,
             served_model_names=tuple(args.served_model_name or ()),
             max_prompt_tokens=args.max_prompt_tokens, max_tokens_limit=args.max_tokens_limit,
-            poll_interval_s=args.poll_interval, scaler_port=args.scaler_port,
+            poll_interval_s=args.poll_interval, load_heartbeat_s=args.load_heartbeat, scaler_port=args.scaler_port,
             max_queued_requests=args.max_queued_requests, queue_timeout_s=args.queue_timeout_seconds,
             shutdown_grace_s=args.shutdown_grace_seconds, http_tls=_http_tls(args),
             grpc_tls=grpc_tls_from_args(args),

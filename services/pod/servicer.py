@@ -17,7 +17,9 @@ from splitserve.engine.block_hash import BLOCK_HASH_VERSION
 from splitserve.engine.errors import InvalidRequestError
 from splitserve.engine.sampling_params import SamplingParams
 from splitserve.pod.core import PodCore
-from splitserve.pod.messages import DecodeChunk, KVHandle, KVSource, PodError, Role
+from splitserve.engine.block_pool import KVCacheEvents
+from splitserve.pod.load_stream import events_with_load
+from splitserve.pod.messages import DecodeChunk, KVHandle, KVSource, LoadSnapshot, PodError, Role
 from splitserve.proto import splitserve_v1_pb2 as pb
 from splitserve.proto import splitserve_v1_pb2_grpc as pb_grpc
 from splitserve.pod.proto_convert import (finish_reason_to_proto, logprobs_to_proto, prompt_logprobs_to_proto,
@@ -26,6 +28,21 @@ from splitserve.pod.proto_convert import (finish_reason_to_proto, logprobs_to_pr
 logger = logging.getLogger(__name__)
 
 _ROLES = {Role.PREFILL: pb.ROLE_PREFILL, Role.DECODE: pb.ROLE_DECODE, Role.UNIFIED: pb.ROLE_UNIFIED}
+
+
+def load_report(s: LoadSnapshot) -> pb.LoadReport:
+    return pb.LoadReport(
+        role=_ROLES[s.role], incarnation_id=s.incarnation_id, num_running=s.num_running,
+        num_waiting=s.num_waiting, num_waiting_for_remote_kv=s.num_waiting_for_remote_kv,
+        queued_prompt_tokens=s.queued_prompt_tokens, num_free_blocks=s.num_free_blocks,
+        num_total_blocks=s.num_total_blocks, kv_cache_usage=s.kv_cache_usage, block_size=s.block_size,
+        num_leased_blocks=s.num_leased_blocks)
+
+
+def _kv_batch(batch: KVCacheEvents) -> pb.KVEventBatch:
+    return pb.KVEventBatch(stored_block_hashes=list(batch.stored_block_hashes),
+                           removed_block_hashes=list(batch.removed_block_hashes),
+                           all_cleared=batch.all_cleared, block_hash_version=BLOCK_HASH_VERSION)
 _SOURCES = {KVSource.PULLED: pb.KV_SOURCE_PULLED, KVSource.LOCAL: pb.KV_SOURCE_LOCAL,
             KVSource.RECOMPUTED: pb.KV_SOURCE_RECOMPUTED}
 
@@ -151,13 +168,7 @@ class PodServicer(pb_grpc.EngineServicer):
             raise
 
     async def GetLoad(self, request: pb.GetLoadRequest, context: grpc.aio.ServicerContext) -> pb.LoadReport:
-        s = self.core.load()
-        return pb.LoadReport(
-            role=_ROLES[s.role], incarnation_id=s.incarnation_id, num_running=s.num_running,
-            num_waiting=s.num_waiting, num_waiting_for_remote_kv=s.num_waiting_for_remote_kv,
-            queued_prompt_tokens=s.queued_prompt_tokens, num_free_blocks=s.num_free_blocks,
-            num_total_blocks=s.num_total_blocks, kv_cache_usage=s.kv_cache_usage, block_size=s.block_size,
-            num_leased_blocks=s.num_leased_blocks)
+        return load_report(self.core.load())
 
     async def StreamKVEvents(self, request: pb.StreamKVEventsRequest,
                              context: grpc.aio.ServicerContext) -> AsyncIterator[pb.KVEventBatch]:
@@ -166,7 +177,13 @@ class PodServicer(pb_grpc.EngineServicer):
         except Exception as exc:  # noqa: BLE001
             await _fail(context, exc)
             raise
-        async for batch in events:
-            yield pb.KVEventBatch(stored_block_hashes=list(batch.stored_block_hashes),
-                                  removed_block_hashes=list(batch.removed_block_hashes),
-                                  all_cleared=batch.all_cleared, block_hash_version=BLOCK_HASH_VERSION)
+        if not request.load_interval_ms:
+            async for batch in events:
+                yield _kv_batch(batch)
+            return
+        async for batch, load in events_with_load(events, self.core.load, request.load_interval_ms / 1000,
+                                                  request.load_heartbeat_ms / 1000):
+            message = _kv_batch(batch) if batch is not None else pb.KVEventBatch(
+                block_hash_version=BLOCK_HASH_VERSION)
+            message.load.CopyFrom(load_report(load))
+            yield message

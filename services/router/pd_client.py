@@ -116,11 +116,13 @@ class LoadSnapshot:
 
 @dataclass(frozen=True)
 class KVEvents:
-    """One batch of a pod's prefix-cache events (``cleared``: forget all first)."""
+    """One batch of a pod's prefix-cache events (``cleared``: forget all
+    first), with the pod's load when the stream was asked for it."""
 
     stored: tuple[BlockHash, ...]
     removed: tuple[BlockHash, ...]
     cleared: bool
+    load: LoadSnapshot | None = None
 
 
 class PodClient:
@@ -211,21 +213,20 @@ class PodClient:
             r: pb.LoadReport = await self._stub.GetLoad(pb.GetLoadRequest(), timeout=timeout)
         except grpc.aio.AioRpcError as exc:
             raise self._error("GetLoad", exc) from None
-        load = PodLoad(queued_prompt_tokens=r.queued_prompt_tokens, running_seqs=r.num_running,
-                       waiting_seqs=r.num_waiting + r.num_waiting_for_remote_kv,
-                       free_blocks=r.num_free_blocks, total_blocks=r.num_total_blocks)
-        return LoadSnapshot(role=ROLES.get(r.role), incarnation_id=r.incarnation_id, load=load,
-                            kv_cache_usage=r.kv_cache_usage, block_size=r.block_size,
-                            num_leased_blocks=r.num_leased_blocks,
-                            num_waiting_for_remote_kv=r.num_waiting_for_remote_kv)
+        return load_snapshot(r)
 
-    async def kv_events(self) -> AsyncIterator[KVEvents]:
-        """The pod's prefix-cache events until the stream breaks (``PodCallError``)."""
-        call = self._stub.StreamKVEvents(pb.StreamKVEventsRequest())
+    async def kv_events(self, load_interval_s: float = 0.0,
+                        load_heartbeat_s: float = 0.0) -> AsyncIterator[KVEvents]:
+        """The pod's prefix-cache events until the stream breaks
+        (``PodCallError``). With ``load_interval_s``, ask for the pod's load
+        on the stream too (changes at most that often, unchanged at least
+        every ``load_heartbeat_s``); a pod that predates it sends none."""
+        call = self._stub.StreamKVEvents(pb.StreamKVEventsRequest(
+            load_interval_ms=round(load_interval_s * 1000), load_heartbeat_ms=round(load_heartbeat_s * 1000)))
         try:
             async for batch in call:
                 yield KVEvents(tuple(batch.stored_block_hashes), tuple(batch.removed_block_hashes),
-                               batch.all_cleared)
+                               batch.all_cleared, load_snapshot(batch.load) if batch.HasField("load") else None)
         except grpc.aio.AioRpcError as exc:
             raise self._error("StreamKVEvents", exc) from None
         finally:
@@ -233,6 +234,16 @@ class PodClient:
 
     def _error(self, rpc: str, exc: grpc.aio.AioRpcError) -> PodCallError:
         return PodCallError(self.address, rpc, exc.code(), exc.details() or "")
+
+
+def load_snapshot(r: pb.LoadReport) -> LoadSnapshot:
+    load = PodLoad(queued_prompt_tokens=r.queued_prompt_tokens, running_seqs=r.num_running,
+                   waiting_seqs=r.num_waiting + r.num_waiting_for_remote_kv,
+                   free_blocks=r.num_free_blocks, total_blocks=r.num_total_blocks)
+    return LoadSnapshot(role=ROLES.get(r.role), incarnation_id=r.incarnation_id, load=load,
+                        kv_cache_usage=r.kv_cache_usage, block_size=r.block_size,
+                        num_leased_blocks=r.num_leased_blocks,
+                        num_waiting_for_remote_kv=r.num_waiting_for_remote_kv)
 
 
 def _finished(message: pb.Finished) -> DecodeFinished:

@@ -91,3 +91,31 @@ async def test_last_chunk_rides_in_finished_only_when_the_caller_accepts_it(stub
     assert len(_stream_tokens(plain)) == 4 and _stream_tokens(merged) == _stream_tokens(plain)
     assert all(not e.HasField("error") for e in plain + merged)
     await wait_clean(dcore)
+
+
+async def test_kv_event_stream_carries_the_load_when_asked(stubs: dict) -> None:
+    (p, pcore) = stubs[Role.PREFILL]
+    call = p.StreamKVEvents(pb.StreamKVEventsRequest(load_interval_ms=20, load_heartbeat_ms=100))
+    stream = call.__aiter__()
+    first = await stream.__anext__()
+    assert first.HasField("load") and not first.stored_block_hashes
+    assert first.load.role == pb.ROLE_PREFILL and first.load.block_size == 8
+    assert first.load.num_free_blocks == (await p.GetLoad(pb.GetLoadRequest())).num_free_blocks
+    result = await p.Prefill(pb.PrefillRequest(request_id="ev", token_ids=list(range(1, 20)), sampling=GREEDY))
+    stored = []
+    while len(stored) < 2:  # the prompt's two full blocks, each batch with the load of its moment
+        batch = await stream.__anext__()
+        assert batch.HasField("load")
+        stored += batch.stored_block_hashes
+    assert (await p.ReleaseKV(pb.ReleaseKVRequest(request_id="ev"))) is not None
+    heartbeat = await stream.__anext__()  # nothing stored: the load alone, changed or as the heartbeat
+    assert heartbeat.HasField("load") and not heartbeat.stored_block_hashes
+    call.cancel()
+    assert result.kv_handle.num_tokens == 19
+    plain = p.StreamKVEvents(pb.StreamKVEventsRequest())  # not asked: events only, as before
+    await p.Prefill(pb.PrefillRequest(request_id="ev2", token_ids=list(range(30, 50)), sampling=GREEDY))
+    batch = await plain.__aiter__().__anext__()
+    assert batch.stored_block_hashes and not batch.HasField("load")
+    plain.cancel()
+    await p.ReleaseKV(pb.ReleaseKVRequest(request_id="ev2"))
+    await wait_clean(pcore)

@@ -126,8 +126,9 @@ def load_bound(pods: Sequence[PodState], load_factor: Fraction) -> int:
 
 class _LazyBound:
     """``load_bound`` of ``pods``, computed on the first pod that needs it: a
-    pod with nothing in flight is under any bound (the bound is >= 1), and at
-    hundreds of pods the sum over all of them is most of a routing decision."""
+    pod with nothing in flight is under any bound (the bound is >= 1), and for
+    a sequence other than the pool's ``ReadyPods`` the bound is a sum over
+    every pod."""
 
     __slots__ = ("pods", "load_factor", "cap")
 

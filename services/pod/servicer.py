@@ -14,10 +14,10 @@ from collections.abc import AsyncIterator
 import grpc
 
 from splitserve.engine.block_hash import BLOCK_HASH_VERSION
+from splitserve.engine.block_pool import KVCacheEvents
 from splitserve.engine.errors import InvalidRequestError
 from splitserve.engine.sampling_params import SamplingParams
 from splitserve.pod.core import PodCore
-from splitserve.engine.block_pool import KVCacheEvents
 from splitserve.pod.load_stream import events_with_load
 from splitserve.pod.messages import DecodeChunk, KVHandle, KVSource, LoadSnapshot, PodError, Role
 from splitserve.proto import splitserve_v1_pb2 as pb
@@ -28,21 +28,6 @@ from splitserve.pod.proto_convert import (finish_reason_to_proto, logprobs_to_pr
 logger = logging.getLogger(__name__)
 
 _ROLES = {Role.PREFILL: pb.ROLE_PREFILL, Role.DECODE: pb.ROLE_DECODE, Role.UNIFIED: pb.ROLE_UNIFIED}
-
-
-def load_report(s: LoadSnapshot) -> pb.LoadReport:
-    return pb.LoadReport(
-        role=_ROLES[s.role], incarnation_id=s.incarnation_id, num_running=s.num_running,
-        num_waiting=s.num_waiting, num_waiting_for_remote_kv=s.num_waiting_for_remote_kv,
-        queued_prompt_tokens=s.queued_prompt_tokens, num_free_blocks=s.num_free_blocks,
-        num_total_blocks=s.num_total_blocks, kv_cache_usage=s.kv_cache_usage, block_size=s.block_size,
-        num_leased_blocks=s.num_leased_blocks)
-
-
-def _kv_batch(batch: KVCacheEvents) -> pb.KVEventBatch:
-    return pb.KVEventBatch(stored_block_hashes=list(batch.stored_block_hashes),
-                           removed_block_hashes=list(batch.removed_block_hashes),
-                           all_cleared=batch.all_cleared, block_hash_version=BLOCK_HASH_VERSION)
 _SOURCES = {KVSource.PULLED: pb.KV_SOURCE_PULLED, KVSource.LOCAL: pb.KV_SOURCE_LOCAL,
             KVSource.RECOMPUTED: pb.KV_SOURCE_RECOMPUTED}
 
@@ -70,6 +55,21 @@ async def _fail(context: grpc.aio.ServicerContext, exc: Exception) -> None:
         await context.abort(getattr(grpc.StatusCode, exc.code), exc.message)
     logger.exception("unexpected error in an RPC")
     await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}")
+
+
+def load_report(s: LoadSnapshot) -> pb.LoadReport:
+    return pb.LoadReport(
+        role=_ROLES[s.role], incarnation_id=s.incarnation_id, num_running=s.num_running,
+        num_waiting=s.num_waiting, num_waiting_for_remote_kv=s.num_waiting_for_remote_kv,
+        queued_prompt_tokens=s.queued_prompt_tokens, num_free_blocks=s.num_free_blocks,
+        num_total_blocks=s.num_total_blocks, kv_cache_usage=s.kv_cache_usage, block_size=s.block_size,
+        num_leased_blocks=s.num_leased_blocks)
+
+
+def _kv_batch(batch: KVCacheEvents) -> pb.KVEventBatch:
+    return pb.KVEventBatch(stored_block_hashes=list(batch.stored_block_hashes),
+                           removed_block_hashes=list(batch.removed_block_hashes),
+                           all_cleared=batch.all_cleared, block_hash_version=BLOCK_HASH_VERSION)
 
 
 class PodServicer(pb_grpc.EngineServicer):

@@ -124,32 +124,12 @@ def load_bound(pods: Sequence[PodState], load_factor: Fraction) -> int:
     return -(-load_factor.numerator * total // (load_factor.denominator * len(pods)))
 
 
-class _LazyBound:
-    """``load_bound`` of ``pods``, computed on the first pod that needs it: a
-    pod with nothing in flight is under any bound (the bound is >= 1), and for
-    a sequence other than the pool's ``ReadyPods`` the bound is a sum over
-    every pod."""
-
-    __slots__ = ("pods", "load_factor", "cap")
-
-    def __init__(self, pods: Sequence[PodState], load_factor: Fraction) -> None:
-        self.pods, self.load_factor, self.cap = pods, load_factor, -1
-
-    def admits(self, in_flight: int) -> bool:
-        """Whether a pod with ``in_flight`` requests may take one more."""
-        if in_flight == 0:
-            return True
-        if self.cap < 0:
-            self.cap = load_bound(self.pods, self.load_factor)
-        return in_flight + 1 <= self.cap
-
-
-def _first_under_bound(order: Sequence[PodState], bound: _LazyBound) -> PodState:
-    """The first pod of ``order`` under the load bound (nearly always the
-    first one: the scan stops there)."""
+def _first_under_bound(order: Sequence[PodState], cap: int) -> PodState:
+    """The first pod of ``order`` under the load bound ``cap`` (nearly always
+    the first one: the scan stops there)."""
     for pod in order:
         load = pod.load
-        if bound.admits(load.running_seqs + load.waiting_seqs):
+        if load.running_seqs + load.waiting_seqs < cap:
             return pod
     return order[0]  # unreachable with load_factor >= 1 (some pod is always under the bound)
 
@@ -198,7 +178,7 @@ class KvAffinityPolicy:
         decision is the same as scoring every pod, at a few pods' cost."""
         _require(pods)
         order, rank = self._orders.ranked(request.affinity_key, pods)
-        bound = _LazyBound(pods, self.load_factor)
+        cap = load_bound(pods, self.load_factor)  # O(1) on the pool's ReadyPods
         best: PodState | None = None
         best_score = best_rank = best_match = 0
         block_size, affinity_weight, load_weight = self.block_size, self.affinity_weight, self.load_weight
@@ -209,13 +189,13 @@ class KvAffinityPolicy:
                 continue
             pod = order[place]
             load = pod.load
-            if not bound.admits(load.running_seqs + load.waiting_seqs):
+            if load.running_seqs + load.waiting_seqs >= cap:
                 continue
             score = matched * block_size * affinity_weight - load.queued_prompt_tokens * load_weight
             if best is None or score > best_score or (score == best_score and place < best_rank):
                 best, best_score, best_rank, best_match = pod, score, place, matched
         if best is None:  # no candidate holds the prompt's start: rendezvous order, bounded
-            chosen = _first_under_bound(order, bound)
+            chosen = _first_under_bound(order, cap)
             return RouteDecision(chosen.pod_id, 0, "hash" if chosen is order[0] else "bounded")
         if best_score <= 0:
             # A pod without a match scores -queued * load_weight <= 0: it wins over a
@@ -225,7 +205,7 @@ class KvAffinityPolicy:
                 if place >= best_rank and best_score == 0:
                     break
                 load = pod.load
-                if pod.pod_id in holders or not bound.admits(load.running_seqs + load.waiting_seqs):
+                if pod.pod_id in holders or load.running_seqs + load.waiting_seqs >= cap:
                     continue  # a holder was scored above (or is over the bound)
                 score = -load.queued_prompt_tokens * load_weight
                 if score > best_score or (score == best_score and place < best_rank):
@@ -248,7 +228,7 @@ class ConsistentHashPolicy:
                index: PrefixIndexMap) -> RouteDecision:
         _require(pods)
         order = self._orders.order(request.affinity_key, pods)
-        chosen = _first_under_bound(order, _LazyBound(pods, self.load_factor))
+        chosen = _first_under_bound(order, load_bound(pods, self.load_factor))
         return RouteDecision(chosen.pod_id, index.match_length(chosen.pod_id, request.block_hashes),
                              "hash" if chosen is order[0] else "bounded")
 

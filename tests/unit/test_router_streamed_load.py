@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import grpc
 import pytest
-from test_router_membership_fakes import GatedEngine, LiveRouter, cluster, until  # noqa: F401
+from test_router_membership_fakes import GatedEngine, LiveRouter, cluster, no_leaks, until  # noqa: F401
 from test_router_orchestrator_fakes import BLOCK, FakeCluster
 
 from splitserve.proto import splitserve_v1_pb2 as pb
@@ -76,6 +76,7 @@ async def test_a_streamed_load_replaces_the_polls_until_the_stream_goes_silent(c
         assert live.ready_ids("prefill") == [engine.address]  # the polls answer: still ready
     finally:
         await live.close()
+    await no_leaks(engine)
 
 
 async def test_a_pod_without_streamed_load_is_polled_as_before(cluster: FakeCluster) -> None:
@@ -86,3 +87,4 @@ async def test_a_pod_without_streamed_load_is_polled_as_before(cluster: FakeClus
         assert live.ready_ids("prefill") == [engine.address]
     finally:
         await live.close()
+    await no_leaks(engine)

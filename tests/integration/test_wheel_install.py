@@ -57,7 +57,9 @@ def venv(dist: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Pat
     root = tmp_path_factory.mktemp("venv")
     base_python = getattr(sys, "_base_executable", sys.executable)
     _run([base_python, "-m", "venv", str(root)], cwd=root)
-    pip = [str(root / "bin" / "python"), "-m", "pip", "install", "-q", "--disable-pip-version-check"]
+    # --no-compile: byte-compiling every installed file (torch's thousands) was half the install's time;
+    # what the pod imports is compiled when it first imports it, as after any install.
+    pip = [str(root / "bin" / "python"), "-m", "pip", "install", "-q", "--disable-pip-version-check", "--no-compile"]
     _run([*pip, TORCH_SPEC], cwd=root)
     _run([*pip, str(dist["wheel"])], cwd=root)
     return root

@@ -103,6 +103,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--load-heartbeat", type=float, default=1.0,
                         help="pods stream their load on the KV-event stream at least this often (seconds) and "
                              "are not polled while they do; 0: poll GetLoad only (default 1.0)")
+    parser.add_argument("--kv-event-interval", type=float, default=0.02,
+                        help="pods send their prefix-cache events at most this often (seconds), merged; the "
+                             "router knows its own assignments at once either way; 0: every engine step's "
+                             "events at once (default 0.02)")
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     parser.set_defaults(handler=run)
 
@@ -145,7 +149,8 @@ def run(args: argparse.Namespace) -> int:
             pd_threshold_tokens=args.pd_threshold_tokens, block_size=args.block_size,
             served_model_names=tuple(args.served_model_name or ()),
             max_prompt_tokens=args.max_prompt_tokens, max_tokens_limit=args.max_tokens_limit,
-            poll_interval_s=args.poll_interval, load_heartbeat_s=args.load_heartbeat, scaler_port=args.scaler_port,
+            poll_interval_s=args.poll_interval, load_heartbeat_s=args.load_heartbeat,
+            kv_event_interval_s=args.kv_event_interval, scaler_port=args.scaler_port,
             max_queued_requests=args.max_queued_requests, queue_timeout_s=args.queue_timeout_seconds,
             shutdown_grace_s=args.shutdown_grace_seconds, http_tls=_http_tls(args),
             grpc_tls=grpc_tls_from_args(args),

@@ -219,10 +219,10 @@ class PodCore:
                             sched.num_total_blocks, sched.kv_cache_usage, s.block_size,
                             self.prefill_handler.leases.table.num_leased_blocks if self.prefill_handler else 0)
 
-    def kv_events(self) -> AsyncIterator[KVCacheEvents]:
+    def kv_events(self, min_interval_s: float = 0.0) -> AsyncIterator[KVCacheEvents]:
         if self.kv_event_hub is None:
             raise failed_precondition("this pod's engine does not publish KV events")
-        return self.kv_event_hub.subscribe()
+        return self.kv_event_hub.subscribe(min_interval_s)
 
     # -- lifetime --------------------------------------------------------------
 

@@ -2,15 +2,19 @@
 
 The pool is single-threaded, so its events are drained on the engine thread
 by ``KVEventHub.after_step`` (an ``AsyncEngine`` after-step hook) and handed
-to each asyncio subscriber through ``call_soon_threadsafe``.
+to each asyncio subscriber through ``call_soon_threadsafe``. Batches that
+queue up while a subscriber is still sending the previous one leave as one
+(``coalesce``): a fast engine steps far more often than a stream can send, and
+every message costs the router a wake-up.
 """
 from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 
+from splitserve.engine.block_hash import BlockHash
 from splitserve.engine.block_pool import KVCacheEvents
 from splitserve.engine.engine_core import EngineCore
 
@@ -54,15 +58,55 @@ class KVEventHub:
             except RuntimeError:
                 pass
 
-    async def subscribe(self) -> AsyncIterator[KVCacheEvents]:
-        """Batches published after this call, until ``close``."""
+    async def subscribe(self, min_interval_s: float = 0.0) -> AsyncIterator[KVCacheEvents]:
+        """Batches published after this call, until ``close``; those already
+        queued when one is taken come merged with it (``coalesce``). With
+        ``min_interval_s``, a batch published sooner than that after the
+        previous one left waits until then, merged with what follows it."""
         sub = _Subscriber(asyncio.get_running_loop(), asyncio.Queue())
         with self._lock:
             self._subscribers.append(sub)
+        queue, loop = sub.queue, sub.loop
+        next_at = 0.0
         try:
-            while (events := await sub.queue.get()) is not None:
-                yield events
+            while (events := await queue.get()) is not None:
+                if (delay := next_at - loop.time()) > 0:
+                    await asyncio.sleep(delay)
+                if queue.empty():
+                    yield events
+                    next_at = loop.time() + min_interval_s
+                    continue
+                waiting, closed = [events], False
+                while not queue.empty():
+                    more = queue.get_nowait()
+                    if more is None:  # closed while those were queued
+                        closed = True
+                        break
+                    waiting.append(more)
+                yield coalesce(waiting)
+                next_at = loop.time() + min_interval_s
+                if closed:
+                    return
         finally:
             with self._lock:
                 if sub in self._subscribers:
                     self._subscribers.remove(sub)
+
+
+def coalesce(batches: Sequence[KVCacheEvents]) -> KVCacheEvents:
+    """One batch with the effect of ``batches`` applied in order, each the way
+    the router applies a batch (clear, then evictions, then stores): a clear
+    drops what came before it, and a block's last event decides whether it is
+    stored or removed (stores keep the order of their last event)."""
+    start = max((i for i, b in enumerate(batches) if b.all_cleared), default=0)
+    last: dict[BlockHash, bool] = {}  # True: stored
+    for batch in batches[start:]:
+        for h in batch.removed_block_hashes:
+            last.pop(h, None)
+            last[h] = False
+        for h in batch.stored_block_hashes:
+            last.pop(h, None)
+            last[h] = True
+    return KVCacheEvents(stored_block_hashes=[h for h, stored in last.items() if stored],
+                         removed_block_hashes=[h for h, stored in last.items() if not stored],
+                         all_cleared=batches[start].all_cleared)

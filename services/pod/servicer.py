@@ -173,7 +173,7 @@ class PodServicer(pb_grpc.EngineServicer):
     async def StreamKVEvents(self, request: pb.StreamKVEventsRequest,
                              context: grpc.aio.ServicerContext) -> AsyncIterator[pb.KVEventBatch]:
         try:
-            events = self.core.kv_events()
+            events = self.core.kv_events(request.event_interval_ms / 1000)
         except Exception as exc:  # noqa: BLE001
             await _fail(context, exc)
             raise

@@ -215,14 +215,17 @@ class PodClient:
             raise self._error("GetLoad", exc) from None
         return load_snapshot(r)
 
-    async def kv_events(self, load_interval_s: float = 0.0,
-                        load_heartbeat_s: float = 0.0) -> AsyncIterator[KVEvents]:
+    async def kv_events(self, load_interval_s: float = 0.0, load_heartbeat_s: float = 0.0,
+                        event_interval_s: float = 0.0) -> AsyncIterator[KVEvents]:
         """The pod's prefix-cache events until the stream breaks
         (``PodCallError``). With ``load_interval_s``, ask for the pod's load
         on the stream too (changes at most that often, unchanged at least
-        every ``load_heartbeat_s``); a pod that predates it sends none."""
+        every ``load_heartbeat_s``); a pod that predates it sends none. With
+        ``event_interval_s``, ask for events at most that often, merged (an
+        older pod sends each step's at once)."""
         call = self._stub.StreamKVEvents(pb.StreamKVEventsRequest(
-            load_interval_ms=round(load_interval_s * 1000), load_heartbeat_ms=round(load_heartbeat_s * 1000)))
+            load_interval_ms=round(load_interval_s * 1000), load_heartbeat_ms=round(load_heartbeat_s * 1000),
+            event_interval_ms=round(event_interval_s * 1000)))
         try:
             async for batch in call:
                 yield KVEvents(tuple(batch.stored_block_hashes), tuple(batch.removed_block_hashes),

@@ -25,19 +25,24 @@ class WatcherConfig:
     changed load. ``max_missed_polls``: failed polls in a row before a pod is
     taken out of rotation. ``load_heartbeat_s``: a pod streams its load at
     least this often; while it does (within ``load_heartbeat_s`` +
-    ``poll_timeout_s``) it is not polled (0: always poll). KV event streams
-    reconnect after ``backoff_min_s``, doubling to ``backoff_max_s``."""
+    ``poll_timeout_s``) it is not polled (0: always poll). A pod sends its KV
+    events at most every ``kv_event_interval_s``, merged (0: every engine
+    step's at once). KV event streams reconnect after ``backoff_min_s``,
+    doubling to ``backoff_max_s``."""
 
     poll_interval_s: float = 0.2
     poll_timeout_s: float = 1.0
     max_missed_polls: int = 1
     load_heartbeat_s: float = 1.0
+    kv_event_interval_s: float = 0.02
     backoff_min_s: float = 0.1
     backoff_max_s: float = 2.0
 
     def __post_init__(self) -> None:
         if self.poll_interval_s <= 0 or self.poll_timeout_s <= 0 or self.load_heartbeat_s < 0:
             raise ValueError("poll_interval_s and poll_timeout_s must be > 0, load_heartbeat_s >= 0")
+        if not 0 <= self.kv_event_interval_s <= 10:
+            raise ValueError(f"kv_event_interval_s must be in 0..10 seconds, got {self.kv_event_interval_s}")
 
 
 class PodWatcher:
@@ -167,7 +172,7 @@ class PodWatcher:
                     return
                 config = self.config
                 stream = client.kv_events(config.poll_interval_s if config.load_heartbeat_s else 0.0,
-                                          config.load_heartbeat_s)
+                                          config.load_heartbeat_s, config.kv_event_interval_s)
                 async for batch in stream:
                     if batch.load is not None:
                         self._apply_load(pod, role, batch.load)

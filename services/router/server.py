@@ -68,6 +68,7 @@ class RouterConfig:
     max_tokens_limit: int | None = None
     poll_interval_s: float = 0.2
     load_heartbeat_s: float = 1.0
+    kv_event_interval_s: float = 0.02
     scaler_port: int = 0
     max_queued_requests: int = 256
     queue_timeout_s: float = 60.0
@@ -145,7 +146,8 @@ def build_router(config: RouterConfig, tokenizer: Any = None) -> RouterParts:
         block_size=config.block_size, pd_threshold_tokens=config.pd_threshold_tokens,
         eos_token_ids=eos_token_ids(config.model, tokenizer)), metrics, prefill_observer=rate)
     watcher = PodWatcher(router, channels, {}, WatcherConfig(poll_interval_s=config.poll_interval_s,
-                                                             load_heartbeat_s=config.load_heartbeat_s))
+                                                             load_heartbeat_s=config.load_heartbeat_s,
+                                                             kv_event_interval_s=config.kv_event_interval_s))
     registry = PodRegistry(router, channels, watcher, metrics, config.pods.kind,
                            config.pods.configured_roles())
     source = make_source(config.pods)

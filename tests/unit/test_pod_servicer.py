@@ -119,3 +119,21 @@ async def test_kv_event_stream_carries_the_load_when_asked(stubs: dict) -> None:
     plain.cancel()
     await p.ReleaseKV(pb.ReleaseKVRequest(request_id="ev2"))
     await wait_clean(pcore)
+
+
+async def test_kv_events_asked_at_an_interval_leave_merged(stubs: dict) -> None:
+    (p, pcore) = stubs[Role.PREFILL]
+    call = p.StreamKVEvents(pb.StreamKVEventsRequest(event_interval_ms=1000))
+    stream = call.__aiter__()
+    names = ("a", "b", "c")
+    for i, name in enumerate(names):  # three Prefills (three engine steps), two full blocks each
+        tokens = list(range(1 + 40 * i, 18 + 40 * i))
+        await p.Prefill(pb.PrefillRequest(request_id=name, token_ids=tokens, sampling=GREEDY))
+    first = await stream.__anext__()  # what came first left at once; the rest waited out the interval
+    second = await stream.__anext__()
+    stored = [*first.stored_block_hashes, *second.stored_block_hashes]
+    assert len(first.stored_block_hashes) == 2 and len(stored) == len(set(stored)) == 6
+    call.cancel()
+    for name in names:
+        await p.ReleaseKV(pb.ReleaseKVRequest(request_id=name))
+    await wait_clean(pcore)

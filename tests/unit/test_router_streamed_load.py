@@ -27,12 +27,14 @@ class StreamingEngine(GatedEngine):
     streaming: bool = True
     polls: int = 0
     running_seqs: int = 0
+    asked_event_interval_ms: int | None = None
 
     async def GetLoad(self, request: pb.GetLoadRequest, context: grpc.aio.ServicerContext) -> pb.LoadReport:
         self.polls += 1
         return await super().GetLoad(request, context)
 
     async def StreamKVEvents(self, request: pb.StreamKVEventsRequest, context: grpc.aio.ServicerContext):
+        self.asked_event_interval_ms = request.event_interval_ms
         if not request.load_interval_ms:
             async for batch in super().StreamKVEvents(request, context):
                 yield batch
@@ -55,7 +57,7 @@ async def _live(cluster: FakeCluster) -> tuple[LiveRouter, StreamingEngine]:
     cluster.servers.append(server)
     live = LiveRouter()
     live.watcher.config = WatcherConfig(poll_interval_s=0.02, poll_timeout_s=0.2, load_heartbeat_s=0.1,
-                                        backoff_min_s=0.02)
+                                        kv_event_interval_s=0.035, backoff_min_s=0.02)
     live.apply(("prefill", engine))
     return live, engine
 
@@ -65,6 +67,7 @@ async def test_a_streamed_load_replaces_the_polls_until_the_stream_goes_silent(c
     try:
         pool = live.router.pools["prefill"]
         await until(lambda: live.ready_ids("prefill") == [engine.address], "ready")
+        assert engine.asked_event_interval_ms == 35  # the watcher's KV event interval reached the pod
         engine.running_seqs = 3
         await until(lambda: pool.get(engine.address).load.running_seqs == 3, "the streamed load applied")
         assert pool.get(engine.address).load.free_blocks == 77  # the stream's figure, not GetLoad's

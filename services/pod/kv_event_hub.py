@@ -72,10 +72,6 @@ class KVEventHub:
             while (events := await queue.get()) is not None:
                 if (delay := next_at - loop.time()) > 0:
                     await asyncio.sleep(delay)
-                if queue.empty():
-                    yield events
-                    next_at = loop.time() + min_interval_s
-                    continue
                 waiting, closed = [events], False
                 while not queue.empty():
                     more = queue.get_nowait()
@@ -83,7 +79,7 @@ class KVEventHub:
                         closed = True
                         break
                     waiting.append(more)
-                yield coalesce(waiting)
+                yield events if len(waiting) == 1 else coalesce(waiting)
                 next_at = loop.time() + min_interval_s
                 if closed:
                     return

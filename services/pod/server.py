@@ -13,6 +13,7 @@ import grpc
 from splitserve import event_loop
 from splitserve.engine.async_engine import AsyncEngine
 from splitserve.engine.engine_args import EngineArgs
+from splitserve.grpc_limits import MAX_MESSAGE_BYTES
 from splitserve.grpc_tls import add_port
 from splitserve.http_server import EmbeddedHTTPServer
 from splitserve.pod.model_fingerprint import model_fingerprint
@@ -55,9 +56,12 @@ class PodServer:
             loop.add_signal_handler(sig, self.request_stop)
         core = self.core = await asyncio.to_thread(self._build_core)
         await core.start()
-        # Accept the router's keepalive pings (pd_client: every 5 s, with or without calls).
+        # Accept the router's keepalive pings (pd_client: every 5 s, with or without calls),
+        # and its messages up to its own limit (a long prompt's Decode; 4 MiB by default).
         server = grpc.aio.server(options=[("grpc.keepalive_permit_without_calls", 1),
-                                          ("grpc.http2.min_recv_ping_interval_without_data_ms", 4_000)])
+                                          ("grpc.http2.min_recv_ping_interval_without_data_ms", 4_000),
+                                          ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+                                          ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)])
         pb_grpc.add_EngineServicer_to_server(PodServicer(core), server)
         bound = add_port(server, f"{self.config.host}:{self.config.port}", self.config.grpc_tls)
         if bound == 0:

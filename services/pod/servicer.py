@@ -3,11 +3,14 @@
 Unary RPCs answer a ``PodError`` with its status code (INVALID_ARGUMENT,
 NOT_FOUND, FAILED_PRECONDITION, UNAVAILABLE). Decode answers it with an
 ``error`` event that ends the stream (the RPC itself ends OK), so a client
-sees refusals before and after the first token the same way. Unexpected
-exceptions become INTERNAL without details leaking beyond the message.
+sees refusals before and after the first token the same way; DecodeStream
+carries many Decodes (``DecodeMultiplexer``) and answers each the same way,
+tagged. Unexpected exceptions become INTERNAL without details leaking beyond
+the message.
 """
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
 
@@ -18,6 +21,7 @@ from splitserve.engine.block_pool import KVCacheEvents
 from splitserve.engine.errors import InvalidRequestError
 from splitserve.engine.sampling_params import SamplingParams
 from splitserve.pod.core import PodCore
+from splitserve.pod.decode_multiplexer import DECODE_STREAM_MARKER, DecodeMultiplexer
 from splitserve.pod.load_stream import events_with_load
 from splitserve.pod.messages import DecodeChunk, KVHandle, KVSource, LoadSnapshot, PodError, Role
 from splitserve.proto import splitserve_v1_pb2 as pb
@@ -130,6 +134,21 @@ class PodServicer(pb_grpc.EngineServicer):
                 yield pb.DecodeResponse(chunk=held)
             message = f"internal error: {type(exc).__name__}"
             yield pb.DecodeResponse(error=pb.Error(code="INTERNAL", message=message))
+
+    async def DecodeStream(self, request_iterator: AsyncIterator[pb.DecodeStreamRequest],
+                           context: grpc.aio.ServicerContext) -> AsyncIterator[pb.DecodeStreamResponse]:
+        # Each start runs ``self.Decode`` (a subclass's too), which answers
+        # every failure in-stream and never aborts ``context``: the stream is
+        # shared, so one request's refusal must not end the others.
+        await context.send_initial_metadata((DECODE_STREAM_MARKER,))  # the caller writes only after it
+        mux = DecodeMultiplexer(lambda request: self.Decode(request, context))
+        reader = asyncio.get_running_loop().create_task(mux.feed(request_iterator))
+        try:
+            async for batch in mux.responses():
+                yield batch
+        finally:
+            reader.cancel()
+            await mux.close()
 
     async def Abort(self, request: pb.AbortRequest, context: grpc.aio.ServicerContext) -> pb.AbortResponse:
         if not self.core.abort(request.request_id):

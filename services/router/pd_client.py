@@ -1,17 +1,21 @@
 """A thin grpc.aio client of one pod's ``Engine`` service.
 
 Converts protobuf to the router's dataclasses (through ``proto_convert``) and
-gRPC failures to ``PodCallError``; holds no request state. The orchestrator
+gRPC failures to ``PodCallError``; holds no request state but the routing of
+the pod's shared DecodeStream (``decode_stream_client``). The orchestrator
 and the pod watcher are its only users.
 """
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 from dataclasses import dataclass
 
 import grpc
 
 from splitserve.engine.block_hash import BlockHash
+from splitserve.grpc_limits import MAX_MESSAGE_BYTES
 from splitserve.grpc_tls import GrpcTLS, aio_channel
 from splitserve.engine.request import TokenLogprobs
 from splitserve.engine.sampling_params import SamplingParams
@@ -20,10 +24,11 @@ from splitserve.proto import splitserve_v1_pb2_grpc as pb_grpc
 from splitserve.pod.proto_convert import (decode_tokens, finish_reason_from_proto, logprobs_from_proto,
                                       logprobs_list_from_proto, prompt_logprobs_from_proto, sampling_to_proto)
 from splitserve.router.backend import BackendError
+from splitserve.router.decode_stream_client import DecodeStreamClient, DecodeStreamError, DecodeStreamUnsupported
 from splitserve.router.pod_state import PodLoad
 
-# Large prompts travel as repeated uint32; 64 MiB leaves room for 10M tokens.
-_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+logger = logging.getLogger(__name__)
+
 # A frozen pod (SIGSTOP, a hung node) keeps its TCP connection open and a
 # Decode stream has no deadline: only an unanswered keepalive ping ends it
 # (UNAVAILABLE, then the mid-stream failover), within about 10 s. gRPC waits
@@ -31,8 +36,8 @@ _MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 # ``keepalive_timeout_ms``: both are set (measured: 60.1 s -> 5.1 s after the
 # freeze). The pods' servers accept pings this often (``pod.server``).
 _CHANNEL_OPTIONS = (
-    ("grpc.max_send_message_length", _MAX_MESSAGE_BYTES),
-    ("grpc.max_receive_message_length", _MAX_MESSAGE_BYTES),
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
     ("grpc.keepalive_time_ms", 5_000),
     ("grpc.keepalive_timeout_ms", 5_000),
     ("grpc.http2.ping_timeout_ms", 5_000),
@@ -128,16 +133,23 @@ class KVEvents:
 class PodClient:
     """One channel to one pod (``address`` = host:port, also the pod's id).
 
+    Decodes share one ``DecodeStream`` per pod (``multiplex``; a pod without
+    it gets a Decode call per request, found out on first use).
+
     Every method raises ``PodCallError`` on a gRPC failure; cancelling the
     awaiting task cancels the RPC (the pod sees the cancellation).
     """
 
-    def __init__(self, address: str, channel: grpc.aio.Channel | None = None, tls: GrpcTLS | None = None) -> None:
+    def __init__(self, address: str, channel: grpc.aio.Channel | None = None, tls: GrpcTLS | None = None,
+                 multiplex: bool = True) -> None:
         self.address = address
         self._channel = channel or aio_channel(address, tls, _CHANNEL_OPTIONS)
         self._stub = pb_grpc.EngineStub(self._channel)
+        self.multiplex = multiplex
+        self._decode_stream = DecodeStreamClient(self._stub.DecodeStream)
 
     async def close(self) -> None:
+        await self._decode_stream.close()
         await self._channel.close()
 
     async def prefill(self, request_id: str, token_ids: tuple[int, ...], sampling: SamplingParams,
@@ -162,40 +174,61 @@ class PodClient:
     async def decode(self, request_id: str, token_ids: tuple[int, ...], num_prompt_tokens: int,
                      sampling: SamplingParams, kv_handle: pb.KVHandle | None = None,
                      cache_salt: str | None = None) -> AsyncIterator[DecodeEvent]:
-        """Stream a Decode; closing the iterator cancels the call on the pod."""
+        """Stream a Decode; closing the iterator cancels the request on the pod."""
         message = pb.DecodeRequest(request_id=request_id, token_ids=token_ids,
                                    num_prompt_tokens=num_prompt_tokens,
                                    sampling=sampling_to_proto(sampling), cache_salt=cache_salt or "",
                                    accept_last_chunk=True)
         if kv_handle is not None:
             message.kv_handle.CopyFrom(kv_handle)
-        call = self._stub.Decode(message)
         # The pod samples token 0 (and computes prompt logprobs) only when no
         # output token came along.
         wants_prompt_logprobs = (sampling.prompt_logprobs is not None
                                  and num_prompt_tokens in (0, len(token_ids)))
+        async with aclosing(self._decode_responses(message)) as responses:
+            try:
+                async for response in responses:
+                    kind = response.WhichOneof("event")
+                    chunk = decode_tokens(response)
+                    if chunk is not None:
+                        prompt_logprobs = None
+                        if wants_prompt_logprobs and len(chunk.token_ids):
+                            prompt_logprobs = prompt_logprobs_from_proto(chunk.prompt_logprobs)
+                            wants_prompt_logprobs = False
+                        yield DecodeChunk(tuple(chunk.token_ids),
+                                          tuple(logprobs_list_from_proto(chunk.logprobs))
+                                          if len(chunk.logprobs) else None, prompt_logprobs)
+                    if kind == "finished":
+                        yield _finished(response.finished)
+                        return
+                    elif kind == "error":
+                        code = getattr(grpc.StatusCode, response.error.code, grpc.StatusCode.UNKNOWN)
+                        raise PodCallError(self.address, "Decode", code, response.error.message)
+                raise PodCallError(self.address, "Decode", grpc.StatusCode.UNAVAILABLE,
+                                   "the stream ended without a Finished event")
+            except DecodeStreamError as exc:
+                raise PodCallError(self.address, "Decode", exc.code, exc.details) from None
+            except grpc.aio.AioRpcError as exc:
+                raise self._error("Decode", exc) from None
+
+    async def _decode_responses(self, message: pb.DecodeRequest) -> AsyncIterator[pb.DecodeResponse]:
+        """The request's responses: over the pod's shared DecodeStream, or a
+        Decode call of its own when the pod has no DecodeStream (or
+        ``multiplex`` is off)."""
+        if self.multiplex:
+            try:
+                async with aclosing(self._decode_stream.decode(message)) as responses:
+                    async for response in responses:
+                        yield response
+                return
+            except DecodeStreamUnsupported:
+                logger.info("pod %s has no DecodeStream (an older version): one Decode call per request",
+                            self.address)
+                self.multiplex = False
+        call = self._stub.Decode(message)
         try:
             async for response in call:
-                kind = response.WhichOneof("event")
-                chunk = decode_tokens(response)
-                if chunk is not None:
-                    prompt_logprobs = None
-                    if wants_prompt_logprobs and len(chunk.token_ids):
-                        prompt_logprobs = prompt_logprobs_from_proto(chunk.prompt_logprobs)
-                        wants_prompt_logprobs = False
-                    yield DecodeChunk(tuple(chunk.token_ids),
-                                      tuple(logprobs_list_from_proto(chunk.logprobs))
-                                      if len(chunk.logprobs) else None, prompt_logprobs)
-                if kind == "finished":
-                    yield _finished(response.finished)
-                    return
-                elif kind == "error":
-                    code = getattr(grpc.StatusCode, response.error.code, grpc.StatusCode.UNKNOWN)
-                    raise PodCallError(self.address, "Decode", code, response.error.message)
-            raise PodCallError(self.address, "Decode", grpc.StatusCode.UNAVAILABLE,
-                               "the stream ended without a Finished event")
-        except grpc.aio.AioRpcError as exc:
-            raise self._error("Decode", exc) from None
+                yield response
         finally:
             call.cancel()  # a no-op once the stream is done
 

@@ -25,6 +25,7 @@ import grpc
 from splitserve.decode.peer_client import PeerClient
 from splitserve.engine.async_engine import AsyncEngine
 from splitserve.engine.engine_args import EngineArgs
+from splitserve.grpc_limits import MAX_MESSAGE_BYTES
 from splitserve.engine.engine_core import EngineCore
 from splitserve.engine.sim_runner import SimRunner
 from splitserve.kvtransfer.sim_transport import RemoteNotify, SimFabric, SimTransport
@@ -41,9 +42,8 @@ from splitserve.sim.sim_servicer import SimServicer
 
 logger = logging.getLogger(__name__)
 
-_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
-_SERVER_OPTIONS = (("grpc.max_send_message_length", _MAX_MESSAGE_BYTES),
-                   ("grpc.max_receive_message_length", _MAX_MESSAGE_BYTES))
+_SERVER_OPTIONS = (("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+                   ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES))
 # Poll intervals of a sim prefill pod's lease keeper. The real defaults poll
 # every 0.2 ms while a lease is claimed (a NIXL READ is served only when its
 # target polls); a sim READ needs no target, and hundreds of pods polling at

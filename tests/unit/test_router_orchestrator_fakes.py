@@ -93,6 +93,12 @@ class FakeEngine(pb_grpc.EngineServicer):
         await self.events.put(hash_prompt_blocks(prompt, BLOCK))
         return response
 
+    async def DecodeStream(self, request_iterator, context: grpc.aio.ServicerContext) -> None:
+        # Like a pod from before DecodeStream (its server has no such method),
+        # so the router falls back to Decode calls. The generated base class
+        # raises instead, which grpc sometimes reports as UNKNOWN.
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "Method not found!")
+
     async def Decode(self, request: pb.DecodeRequest, context: grpc.aio.ServicerContext):
         self.decodes.append(request)
         if self.decode_failures:

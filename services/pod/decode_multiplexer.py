@@ -1,0 +1,142 @@
+"""The pod's side of one ``DecodeStream``: many Decode calls, one stream.
+
+Each start runs the pod's own Decode (``decode``: one request's
+``DecodeResponse`` events, as the unary-request RPC streams them) in a task
+of its own; their events wait in one outbox and leave together, so a step
+that produced tokens for thirty requests costs one message, not thirty.
+Nothing here knows gRPC: the servicer feeds the requests it reads and sends
+the batches ``responses`` yields.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Callable
+
+from splitserve.proto import splitserve_v1_pb2 as pb
+
+logger = logging.getLogger(__name__)
+
+# Events queued together leave as one message up to about this size (a
+# larger one alone), well inside the router's 64 MiB receive limit.
+_BATCH_BYTES = 1 << 20
+
+# The initial metadata a pod's DecodeStream sends before it reads: the
+# caller writes only once it came (see ``router.decode_stream_client``).
+DECODE_STREAM_MARKER = ("splitserve-decode-stream", "1")
+
+DecodeCall = Callable[[pb.DecodeRequest], AsyncIterator[pb.DecodeResponse]]
+
+
+def is_terminal(event: pb.DecodeResponse) -> bool:
+    """A request's last event: its Finished or its Error."""
+    return event.WhichOneof("event") != "chunk"
+
+
+def _error(code: str, message: str) -> pb.DecodeResponse:
+    return pb.DecodeResponse(error=pb.Error(code=code, message=message))
+
+
+class DecodeMultiplexer:
+    """Runs the requests one stream starts; ``responses`` yields their events
+    in batches until the caller stopped writing (``feed`` returned) and every
+    request ended. A duplicate running tag answers INVALID_ARGUMENT for that
+    start; a cancel of an unknown tag is ignored (the request already ended).
+    ``close`` aborts whatever still runs. Call from one event loop."""
+
+    def __init__(self, decode: DecodeCall) -> None:
+        self._decode = decode
+        self._tasks: dict[int, asyncio.Task[None]] = {}
+        self._outbox: list[pb.TaggedDecodeEvent] = []
+        self._wake = asyncio.Event()
+        self._writing_done = False
+
+    @property
+    def num_running(self) -> int:
+        return len(self._tasks)
+
+    def apply(self, message: pb.DecodeStreamRequest) -> None:
+        """One message from the caller: its cancels, then its starts."""
+        for tag in message.cancels:
+            task = self._tasks.pop(tag, None)
+            if task is not None:
+                task.cancel()
+        for start in message.starts:
+            if start.tag in self._tasks:
+                self._post(start.tag, _error("INVALID_ARGUMENT", f"tag {start.tag} is already running"))
+                continue
+            self._tasks[start.tag] = asyncio.get_running_loop().create_task(self._run(start.tag, start.request))
+        self._wake.set()
+
+    async def feed(self, messages: AsyncIterator[pb.DecodeStreamRequest]) -> None:
+        """Apply the caller's messages until it stops writing."""
+        try:
+            async for message in messages:
+                self.apply(message)
+        except Exception as exc:  # noqa: BLE001 - a broken stream: the servicer's own end aborts the rest
+            logger.debug("a DecodeStream's requests ended with %r", exc)
+        finally:
+            self._writing_done = True
+            self._wake.set()
+
+    async def responses(self) -> AsyncIterator[pb.DecodeStreamResponse]:
+        """Batches of tagged events, each batch what queued since the last."""
+        while True:
+            if self._outbox:
+                yield pb.DecodeStreamResponse(events=self._take_batch())
+                continue
+            if self._writing_done and not self._tasks:
+                return
+            self._wake.clear()
+            await self._wake.wait()
+
+    async def close(self) -> None:
+        """Abort every request still running (their Decodes end as cancelled)."""
+        tasks = list(self._tasks.values())
+        self._tasks.clear()
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    def _take_batch(self) -> list[pb.TaggedDecodeEvent]:
+        outbox = self._outbox
+        count, size = 0, 0
+        for tagged in outbox:
+            # Only prompt logprobs grow large; a step's tokens are tens of bytes.
+            event = tagged.event
+            large = event.chunk.prompt_logprobs or event.finished.last_chunk.prompt_logprobs
+            nbytes = tagged.ByteSize() if large else 64
+            if count and size + nbytes > _BATCH_BYTES:
+                break
+            count, size = count + 1, size + nbytes
+        if count == len(outbox):
+            self._outbox = []
+            return outbox
+        self._outbox = outbox[count:]
+        return outbox[:count]
+
+    def _post(self, tag: int, event: pb.DecodeResponse) -> None:
+        self._outbox.append(pb.TaggedDecodeEvent(tag=tag, event=event))
+        self._wake.set()
+
+    async def _run(self, tag: int, request: pb.DecodeRequest) -> None:
+        events = self._decode(request)
+        ended = False
+        try:
+            async for event in events:
+                ended = is_terminal(event)
+                self._post(tag, event)
+                if ended:
+                    break
+            if not ended:
+                self._post(tag, _error("UNAVAILABLE", "the decode ended without a Finished event"))
+        except asyncio.CancelledError:
+            raise  # cancelled by the caller or the stream's end: no event follows
+        except Exception as exc:  # noqa: BLE001 - reported in-stream, like Decode's own errors
+            logger.exception("unexpected error in a multiplexed Decode")
+            self._post(tag, _error("INTERNAL", f"internal error: {type(exc).__name__}"))
+        finally:
+            await events.aclose()  # type: ignore[attr-defined]  # aborts the engine request if unfinished
+            if self._tasks.get(tag) is asyncio.current_task():
+                del self._tasks[tag]
+            self._wake.set()

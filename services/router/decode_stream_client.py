@@ -1,0 +1,217 @@
+"""The router's side of a pod's ``DecodeStream``: every Decode to one pod
+over one long-lived gRPC stream.
+
+A Decode call per request costs the router a call set-up, a request, the
+response stream's messages and its status; one shared stream costs a message
+per batch of starts and one per batch of events (the pod sends each step's
+events of all requests together). A request's events come out of
+``decode`` exactly as a Decode call's would; closing that iterator early
+cancels the request on the pod.
+
+When the stream breaks (the pod died, froze past the keepalive, or closed),
+every request on it fails with the stream's status and the next ``decode``
+opens a new one. A pod that predates the RPC answers UNIMPLEMENTED before any
+event: ``DecodeStreamUnsupported``, so the caller falls back to Decode.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from collections.abc import AsyncIterator, Callable
+
+import grpc
+
+from splitserve.pod.decode_multiplexer import DECODE_STREAM_MARKER, is_terminal
+from splitserve.proto import splitserve_v1_pb2 as pb
+
+logger = logging.getLogger(__name__)
+
+OpenStream = Callable[[], grpc.aio.StreamStreamCall]
+
+# Nothing is written before the pod's marker came: a write that races the
+# status of a pod without the RPC turns its UNIMPLEMENTED into INTERNAL
+# (grpc.aio marks the call so when the write's batch fails).
+
+# Starts queued together leave as one message up to about this size (a
+# larger one alone): far inside the 64 MiB message limit of both sides, and
+# other requests' starts do not queue behind many long prompts.
+_BATCH_BYTES = 1 << 20
+
+
+class DecodeStreamError(Exception):
+    """The shared stream ended under a running request (``code``: its status)."""
+
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        super().__init__(f"{code.name}: {details}")
+        self.code = code
+        self.details = details
+
+
+class DecodeStreamUnsupported(DecodeStreamError):
+    """The pod has no DecodeStream (an older version): use Decode."""
+
+
+class _Route:
+    """One running request's events, waiting to be read."""
+
+    __slots__ = ("events", "error", "waiter")
+
+    def __init__(self) -> None:
+        self.events: deque[pb.DecodeResponse] = deque()
+        self.error: DecodeStreamError | None = None
+        self.waiter: asyncio.Future[None] | None = None
+
+    def push(self, event: pb.DecodeResponse) -> None:
+        self.events.append(event)
+        self._wake()
+
+    def fail(self, error: DecodeStreamError) -> None:
+        self.error = error
+        self._wake()
+
+    async def next(self) -> pb.DecodeResponse:
+        while not self.events:
+            if self.error is not None:
+                raise self.error
+            self.waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self.waiter
+            finally:
+                self.waiter = None
+        return self.events.popleft()
+
+    def _wake(self) -> None:
+        waiter = self.waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+
+class _Session:
+    """One open stream: its routes by tag, a writer and a reader task."""
+
+    def __init__(self, call: grpc.aio.StreamStreamCall) -> None:
+        self.call = call
+        self.routes: dict[int, _Route] = {}
+        self.broken: DecodeStreamError | None = None
+        self._starts: list[pb.DecodeStart] = []
+        self._start_bytes: list[int] = []
+        self._cancels: list[int] = []
+        self._wake_writer = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        self._writer = loop.create_task(self._write())
+        self._reader = loop.create_task(self._read())
+
+    def start(self, tag: int, request: pb.DecodeRequest) -> _Route:
+        route = self.routes[tag] = _Route()
+        self._starts.append(pb.DecodeStart(tag=tag, request=request))
+        self._start_bytes.append(5 * len(request.token_ids) + 256)  # a bound: uint32 varints, sampling
+        self._wake_writer.set()
+        return route
+
+    def cancel(self, tag: int) -> None:
+        if self.routes.pop(tag, None) is not None and self.broken is None:
+            self._cancels.append(tag)
+            self._wake_writer.set()
+
+    async def close(self) -> None:
+        self.call.cancel()
+        for task in (self._writer, self._reader):
+            task.cancel()
+        await asyncio.gather(self._writer, self._reader, return_exceptions=True)
+
+    async def _write(self) -> None:
+        try:
+            metadata = await self.call.initial_metadata()
+            if not any((key, value) == DECODE_STREAM_MARKER for key, value in metadata or ()):
+                return  # the call ended first (an older pod's UNIMPLEMENTED, a pod down): the reader says
+            while True:
+                if not (self._starts or self._cancels):
+                    self._wake_writer.clear()
+                    await self._wake_writer.wait()
+                    continue
+                await self.call.write(self._next_message())
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - the call ended; the reader reports its status
+            logger.debug("DecodeStream write failed: %r", exc)
+
+    def _next_message(self) -> pb.DecodeStreamRequest:
+        """Every queued cancel, and the queued starts up to ``_BATCH_BYTES``."""
+        count, size = 0, 0
+        for nbytes in self._start_bytes:
+            if count and size + nbytes > _BATCH_BYTES:
+                break
+            count, size = count + 1, size + nbytes
+        message = pb.DecodeStreamRequest(starts=self._starts[:count], cancels=self._cancels)
+        del self._starts[:count], self._start_bytes[:count]
+        self._cancels = []
+        return message
+
+    async def _read(self) -> None:
+        error = DecodeStreamError(grpc.StatusCode.UNAVAILABLE, "the pod ended its DecodeStream")
+        try:
+            async for message in self.call:
+                routes = self.routes
+                for tagged in message.events:
+                    event = tagged.event
+                    if is_terminal(event):
+                        route = routes.pop(tagged.tag, None)
+                    else:
+                        route = routes.get(tagged.tag)
+                    if route is not None:  # None: cancelled by its reader
+                        route.push(event)
+        except grpc.aio.AioRpcError as exc:
+            kind = (DecodeStreamUnsupported if exc.code() == grpc.StatusCode.UNIMPLEMENTED
+                    else DecodeStreamError)
+            error = kind(exc.code(), exc.details() or "")
+        except asyncio.CancelledError:
+            error = DecodeStreamError(grpc.StatusCode.CANCELLED, "the router closed the pod's channel")
+            raise
+        finally:
+            self.broken = error
+            self._writer.cancel()
+            routes, self.routes = self.routes, {}
+            for route in routes.values():
+                route.fail(error)
+
+
+class DecodeStreamClient:
+    """Decodes to one pod over its shared stream (opened by ``open_stream``
+    on first use and again after a break). Call from one event loop."""
+
+    def __init__(self, open_stream: OpenStream) -> None:
+        self._open_stream = open_stream
+        self._session: _Session | None = None
+        self._next_tag = 1
+
+    @property
+    def num_running(self) -> int:
+        session = self._session
+        return len(session.routes) if session is not None else 0
+
+    async def decode(self, request: pb.DecodeRequest) -> AsyncIterator[pb.DecodeResponse]:
+        """The request's events, ending with its Finished or Error event;
+        ``DecodeStreamError`` if the stream broke first."""
+        session = self._session
+        if session is None or session.broken is not None:
+            session = self._session = _Session(self._open_stream())
+        tag = self._next_tag
+        self._next_tag += 1
+        route = session.start(tag, request)
+        ended = False
+        try:
+            while True:
+                event = await route.next()
+                ended = is_terminal(event)
+                yield event
+                if ended:
+                    return
+        finally:
+            if not ended:
+                session.cancel(tag)
+
+    async def close(self) -> None:
+        session, self._session = self._session, None
+        if session is not None:
+            await session.close()

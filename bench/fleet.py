@@ -205,7 +205,9 @@ async def _churn(fleet: Fleet, duration: float) -> list[str]:
     pods = [p for p in await fleet.control.pods() if p["status"] == "ready"]
     count = max(2, math.ceil(0.1 * len(pods) * duration / 60))
     rng = random.Random(f"churn:{fleet.size}")
-    by_role = {role: rng.sample([p for p in pods if p["role"] == role], count) for role in ("prefill", "decode")}
+    per_role = {role: [p for p in pods if p["role"] == role] for role in ("prefill", "decode")}
+    count = min(count, 2 * min(len(group) for group in per_role.values()))  # a tiny fleet: each pod once
+    by_role = {role: rng.sample(group, math.ceil(count / 2)) for role, group in per_role.items()}
     victims = [by_role[("prefill", "decode")[i % 2]][i // 2] for i in range(count)]  # roles in turn
     events = []
     for i, victim in enumerate(victims):

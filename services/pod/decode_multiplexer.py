@@ -130,8 +130,7 @@ class DecodeMultiplexer:
                     break
             if not ended:
                 self._post(tag, _error("UNAVAILABLE", "the decode ended without a Finished event"))
-        except asyncio.CancelledError:
-            raise  # cancelled by the caller or the stream's end: no event follows
+        # A cancel (the caller's, or the stream's end) is no Exception: it posts nothing.
         except Exception as exc:  # noqa: BLE001 - reported in-stream, like Decode's own errors
             logger.exception("unexpected error in a multiplexed Decode")
             self._post(tag, _error("INTERNAL", f"internal error: {type(exc).__name__}"))

@@ -131,8 +131,6 @@ class _Session:
                     await self._wake_writer.wait()
                     continue
                 await self.call.write(self._next_message())
-        except asyncio.CancelledError:
-            raise
         except Exception as exc:  # noqa: BLE001 - the call ended; the reader reports its status
             logger.debug("DecodeStream write failed: %r", exc)
 
@@ -184,11 +182,6 @@ class DecodeStreamClient:
         self._open_stream = open_stream
         self._session: _Session | None = None
         self._next_tag = 1
-
-    @property
-    def num_running(self) -> int:
-        session = self._session
-        return len(session.routes) if session is not None else 0
 
     async def decode(self, request: pb.DecodeRequest) -> AsyncIterator[pb.DecodeResponse]:
         """The request's events, ending with its Finished or Error event;

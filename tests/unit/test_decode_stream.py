@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import Counter
-from contextlib import aclosing
+from contextlib import aclosing, asynccontextmanager
 
 import grpc
 import pytest
@@ -53,13 +53,47 @@ class OlderServicer(CountingServicer):
         await context.abort(grpc.StatusCode.UNIMPLEMENTED, "Method not found!")
 
 
-async def _serve(core, servicer_type=CountingServicer, port: int = 0):
-    calls: Counter = Counter()
-    server = grpc.aio.server()
-    port = server.add_insecure_port(f"127.0.0.1:{port}")
-    pb_grpc.add_EngineServicer_to_server(servicer_type(core, calls), server)
-    await server.start()
-    return server, port, calls
+class ServedPod:
+    """A pod core behind a grpc.aio server on 127.0.0.1 that can stop and
+    come back at the same port; ``calls`` counts what the current server saw."""
+
+    def __init__(self, core, servicer_type=CountingServicer) -> None:
+        self.core = core
+        self.servicer_type = servicer_type
+        self.port = 0
+        self.calls: Counter = Counter()
+        self._server: grpc.aio.Server | None = None
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    async def start(self) -> None:
+        self.calls = Counter()
+        server = self._server = grpc.aio.server()
+        self.port = server.add_insecure_port(self.address)
+        pb_grpc.add_EngineServicer_to_server(self.servicer_type(self.core, self.calls), server)
+        await server.start()
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            await self._server.stop(0)
+            self._server = None
+
+
+@asynccontextmanager
+async def served(core, servicer_type=CountingServicer, started: bool = True):
+    """(the served pod, a ``PodClient`` of it); both closed after."""
+    pod = ServedPod(core, servicer_type)
+    await pod.start()
+    if not started:
+        await pod.stop()  # the address is known, nothing listens there yet
+    client = PodClient(pod.address)
+    try:
+        yield pod, client
+    finally:
+        await client.close()
+        await pod.stop()
 
 
 async def _tokens(client: PodClient, rid: str, prompt: tuple[int, ...], params=GREEDY) -> list[int]:
@@ -84,30 +118,27 @@ PROMPTS = [tuple(range(1 + i, 12 + 2 * i)) for i in range(12)]
 
 
 async def test_concurrent_decodes_share_one_stream_with_the_tokens_of_separate_calls(unified) -> None:
-    server, port, calls = await _serve(unified)
-    plain, shared = PodClient(f"127.0.0.1:{port}", multiplex=False), PodClient(f"127.0.0.1:{port}")
-    try:
-        expected = await asyncio.gather(*(_tokens(plain, f"p{i}", p) for i, p in enumerate(PROMPTS)))
-        assert calls["Decode"] == len(PROMPTS) and calls["DecodeStream"] == 0
-        got = await asyncio.gather(*(_tokens(shared, f"s{i}", p) for i, p in enumerate(PROMPTS)))
-        assert got == expected and all(len(t) == 6 for t in got)
-        again = await _tokens(shared, "s-again", PROMPTS[0])
-        assert again == expected[0]
-        assert calls["DecodeStream"] == 1 and shared.multiplex
-        # The requests' events left together: fewer messages than events.
-        assert calls["batches"] < calls["events"]
-        await wait_clean(unified)
-    finally:
-        await plain.close()
-        await shared.close()
-        await server.stop(0)
+    async with served(unified) as (pod, shared):
+        plain = PodClient(pod.address, multiplex=False)
+        calls = pod.calls
+        try:
+            expected = await asyncio.gather(*(_tokens(plain, f"p{i}", p) for i, p in enumerate(PROMPTS)))
+            assert calls["Decode"] == len(PROMPTS) and calls["DecodeStream"] == 0
+            got = await asyncio.gather(*(_tokens(shared, f"s{i}", p) for i, p in enumerate(PROMPTS)))
+            assert got == expected and all(len(t) == 6 for t in got)
+            again = await _tokens(shared, "s-again", PROMPTS[0])
+            assert again == expected[0]
+            assert calls["DecodeStream"] == 1 and shared.multiplex
+            # The requests' events left together: fewer messages than events.
+            assert calls["batches"] < calls["events"]
+            await wait_clean(unified)
+        finally:
+            await plain.close()
 
 
 async def test_closing_early_cancels_on_the_pod_and_the_others_run_on(unified) -> None:
-    server, port, _calls = await _serve(unified)
-    client = PodClient(f"127.0.0.1:{port}")
     long = SamplingParams(temperature=0.0, max_tokens=100, ignore_eos=True)
-    try:
+    async with served(unified) as (_pod, client):
         async def first_chunk_then_close(rid: str) -> None:
             async with aclosing(client.decode(rid, PROMPTS[1], 0, long)) as events:
                 async for event in events:
@@ -119,29 +150,20 @@ async def test_closing_early_cancels_on_the_pod_and_the_others_run_on(unified) -
         assert [len(t) for t in await others] == [6] * 4
         await wait_clean(unified)
         assert unified.load().num_running == 0 and not unified._active
-    finally:
-        await client.close()
-        await server.stop(0)
 
 
 async def test_an_older_pod_gets_a_decode_call_per_request(unified) -> None:
-    server, port, calls = await _serve(unified, OlderServicer)
-    client = PodClient(f"127.0.0.1:{port}")
-    try:
+    async with served(unified, OlderServicer) as (pod, client):
+        calls = pod.calls
         got = await asyncio.gather(*(_tokens(client, f"old{i}", p) for i, p in enumerate(PROMPTS[:3])))
         assert all(len(t) == 6 for t in got) and not client.multiplex
         assert calls["Decode"] == 3 and calls["DecodeStream"] == 1
         await wait_clean(unified)
-    finally:
-        await client.close()
-        await server.stop(0)
 
 
 async def test_a_broken_stream_fails_its_requests_retryably_and_the_next_reopens(unified) -> None:
-    server, port, _calls = await _serve(unified)
-    client = PodClient(f"127.0.0.1:{port}")
     long = SamplingParams(temperature=0.0, max_tokens=10_000, ignore_eos=True)
-    try:
+    async with served(unified) as (pod, client):
         async def until_broken(rid: str) -> grpc.StatusCode:
             with pytest.raises(PodCallError) as info:
                 async for _ in client.decode(rid, PROMPTS[2], 0, long):
@@ -151,27 +173,21 @@ async def test_a_broken_stream_fails_its_requests_retryably_and_the_next_reopens
         running = [asyncio.create_task(until_broken(f"b{i}")) for i in range(3)]
         while unified.load().num_running < 3:
             await asyncio.sleep(0.01)
-        await server.stop(0)
+        await pod.stop()
         codes = await asyncio.gather(*running)
         assert all(code in RETRYABLE for code in codes), codes
         await wait_clean(unified)  # the pod aborted all three when the stream ended
-        server, _port, calls = await _serve(unified, port=port)  # the pod is back at its address
-        assert len(await _tokens(client, "after", PROMPTS[0])) == 6 and calls["DecodeStream"] == 1
+        await pod.start()  # the pod is back at its address
+        assert len(await _tokens(client, "after", PROMPTS[0])) == 6 and pod.calls["DecodeStream"] == 1
         await wait_clean(unified)
-    finally:
-        await client.close()
-        await server.stop(0)
 
 
 async def test_a_pod_down_at_first_contact_is_not_taken_for_an_older_one(unified) -> None:
-    server, port, _calls = await _serve(unified)
-    await server.stop(0)  # the address is known, nothing listens there yet
-    client = PodClient(f"127.0.0.1:{port}")
-    try:
+    async with served(unified, started=False) as (pod, client):
         with pytest.raises(PodCallError) as info:
             await _tokens(client, "early", PROMPTS[0])
         assert info.value.code in RETRYABLE and client.multiplex
-        server, _port, calls = await _serve(unified, port=port)
+        await pod.start()
         for attempt in range(100):  # the channel reconnects after its backoff
             try:
                 assert len(await _tokens(client, f"later{attempt}", PROMPTS[0])) == 6
@@ -179,8 +195,5 @@ async def test_a_pod_down_at_first_contact_is_not_taken_for_an_older_one(unified
             except PodCallError as exc:
                 assert exc.code == grpc.StatusCode.UNAVAILABLE
                 await asyncio.sleep(0.05)
-        assert calls["DecodeStream"] == 1 and calls["Decode"] == 1 and client.multiplex
+        assert pod.calls["DecodeStream"] == 1 and pod.calls["Decode"] == 1 and client.multiplex
         await wait_clean(unified)
-    finally:
-        await client.close()
-        await server.stop(0)

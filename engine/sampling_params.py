@@ -119,6 +119,19 @@ class SamplingParams:
             raise InvalidRequestError(
                 f"constraint must be a structured.Constraint, got {type(self.constraint).__name__}")
 
+    def for_choice(self, seed: int | None) -> SamplingParams:
+        """These parameters for one choice of the request: ``n`` = 1 and
+        ``seed``. Only the seed is checked again (the rest was validated when
+        ``self`` was made), which keeps this off the router's per-request cost."""
+        if seed is not None and not (isinstance(seed, int) and not isinstance(seed, bool) and 0 <= seed < 2**63):
+            raise InvalidRequestError(f"seed must be an integer in [0, 2^63), got {seed!r}")
+        choice = object.__new__(SamplingParams)
+        choice.__dict__.update(self.__dict__)
+        choice.stop_token_ids = list(self.stop_token_ids)
+        choice.n = 1
+        choice.seed = seed
+        return choice
+
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> SamplingParams:
         """Build from a plain mapping (services); unknown keys are an error."""

@@ -70,7 +70,9 @@ class EmbeddedHTTPServer:
     async def start(self) -> None:
         """Return once the socket is bound; raise ``OSError`` if it cannot be."""
         config = uvicorn.Config(self.app, host=self.host, port=self.port, log_level=self.log_level,
-                                access_log=False, lifespan="off",
+                                # No X-Forwarded-* rewriting: nothing here reads the client's address,
+                                # and the middleware is one more layer on every request.
+                                access_log=False, lifespan="off", proxy_headers=False,
                                 **({"http": CoalescingHttpProtocol} if self.coalesce_writes else {}),
                                 **(self.tls.uvicorn_kwargs() if self.tls is not None else {}))
         self._server = _QuietSignalServer(config)

@@ -74,14 +74,16 @@ async def stream_choice(backend: GenerationBackend, request: BackendRequest, ind
 _DONE = object()
 
 
-async def merge_choices(streams: Sequence[AsyncIterator[ChoiceDelta]]) -> AsyncIterator[ChoiceDelta]:
+def merge_choices(streams: Sequence[AsyncIterator[ChoiceDelta]]) -> AsyncIterator[ChoiceDelta]:
     """Interleave choices in arrival order. An error in one choice raises here
-    and cancels the others; closing this iterator cancels them all."""
+    and cancels the others; closing this iterator cancels them all. One
+    choice is its own stream (no generator in between on every delta)."""
     if len(streams) == 1:
-        async with aclosing(streams[0]) as only:  # type: ignore[type-var]
-            async for delta in only:
-                yield delta
-        return
+        return streams[0]
+    return _interleaved(streams)
+
+
+async def _interleaved(streams: Sequence[AsyncIterator[ChoiceDelta]]) -> AsyncIterator[ChoiceDelta]:
     queue: asyncio.Queue[object] = asyncio.Queue()
 
     async def pump(stream: AsyncIterator[ChoiceDelta]) -> None:

@@ -139,8 +139,7 @@ class Orchestrator:
         params = request.sampling_params
         if params.seed is None:
             # Prefill samples token 0 and decode the rest: both need one seed.
-            params = replace(params, seed=self._seed_source())
-            request = replace(request, sampling_params=params)
+            request = replace(request, sampling_params=params.for_choice(self._seed_source()))
         route = RouteRequest.from_prompt(request.prompt_token_ids, self.config.block_size,
                                          request.cache_salt, request.block_hashes or None)
         run = _Run(request)
@@ -262,8 +261,9 @@ class Orchestrator:
                             base = held or TokenChunk((), run.num_prompt_tokens,
                                                       () if request.sampling_params.logprobs is not None
                                                       else None)
-                            yield replace(base, finish_reason=event.reason or "stop",
-                                          num_cached_tokens=run.num_cached_tokens)
+                            yield TokenChunk(base.token_ids, base.num_prompt_tokens, base.logprobs,
+                                             event.reason or "stop", run.num_cached_tokens,
+                                             base.prompt_logprobs)
                             return
             except PodCallError as exc:
                 self._raise_if_fatal(exc, allow_not_found=handle is not None)

@@ -185,46 +185,42 @@ class PodClient:
         # output token came along.
         wants_prompt_logprobs = (sampling.prompt_logprobs is not None
                                  and num_prompt_tokens in (0, len(token_ids)))
-        async with aclosing(self._decode_responses(message)) as responses:
-            try:
-                async for response in responses:
-                    kind = response.WhichOneof("event")
-                    chunk = decode_tokens(response)
-                    if chunk is not None:
-                        prompt_logprobs = None
-                        if wants_prompt_logprobs and len(chunk.token_ids):
-                            prompt_logprobs = prompt_logprobs_from_proto(chunk.prompt_logprobs)
-                            wants_prompt_logprobs = False
-                        yield DecodeChunk(tuple(chunk.token_ids),
-                                          tuple(logprobs_list_from_proto(chunk.logprobs))
-                                          if len(chunk.logprobs) else None, prompt_logprobs)
-                    if kind == "finished":
-                        yield _finished(response.finished)
-                        return
-                    elif kind == "error":
-                        code = getattr(grpc.StatusCode, response.error.code, grpc.StatusCode.UNKNOWN)
-                        raise PodCallError(self.address, "Decode", code, response.error.message)
-                raise PodCallError(self.address, "Decode", grpc.StatusCode.UNAVAILABLE,
-                                   "the stream ended without a Finished event")
-            except DecodeStreamError as exc:
-                raise PodCallError(self.address, "Decode", exc.code, exc.details) from None
-            except grpc.aio.AioRpcError as exc:
-                raise self._error("Decode", exc) from None
+        while True:
+            # The shared stream, or a Decode call of its own when the pod has
+            # no DecodeStream (or ``multiplex`` is off).
+            responses = self._decode_stream.decode(message) if self.multiplex else self._decode_call(message)
+            async with aclosing(responses) as stream:
+                try:
+                    async for response in stream:
+                        kind = response.WhichOneof("event")
+                        chunk = decode_tokens(response)
+                        if chunk is not None:
+                            prompt_logprobs = None
+                            if wants_prompt_logprobs and len(chunk.token_ids):
+                                prompt_logprobs = prompt_logprobs_from_proto(chunk.prompt_logprobs)
+                                wants_prompt_logprobs = False
+                            yield DecodeChunk(tuple(chunk.token_ids),
+                                              tuple(logprobs_list_from_proto(chunk.logprobs))
+                                              if len(chunk.logprobs) else None, prompt_logprobs)
+                        if kind == "finished":
+                            yield _finished(response.finished)
+                            return
+                        elif kind == "error":
+                            code = getattr(grpc.StatusCode, response.error.code, grpc.StatusCode.UNKNOWN)
+                            raise PodCallError(self.address, "Decode", code, response.error.message)
+                    raise PodCallError(self.address, "Decode", grpc.StatusCode.UNAVAILABLE,
+                                       "the stream ended without a Finished event")
+                except DecodeStreamUnsupported:  # before any event: nothing was sent to the client
+                    logger.info("pod %s has no DecodeStream (an older version): one Decode call per request",
+                                self.address)
+                    self.multiplex = False
+                except DecodeStreamError as exc:
+                    raise PodCallError(self.address, "Decode", exc.code, exc.details) from None
+                except grpc.aio.AioRpcError as exc:
+                    raise self._error("Decode", exc) from None
 
-    async def _decode_responses(self, message: pb.DecodeRequest) -> AsyncIterator[pb.DecodeResponse]:
-        """The request's responses: over the pod's shared DecodeStream, or a
-        Decode call of its own when the pod has no DecodeStream (or
-        ``multiplex`` is off)."""
-        if self.multiplex:
-            try:
-                async with aclosing(self._decode_stream.decode(message)) as responses:
-                    async for response in responses:
-                        yield response
-                return
-            except DecodeStreamUnsupported:
-                logger.info("pod %s has no DecodeStream (an older version): one Decode call per request",
-                            self.address)
-                self.multiplex = False
+    async def _decode_call(self, message: pb.DecodeRequest) -> AsyncIterator[pb.DecodeResponse]:
+        """The request's responses over a Decode call of its own."""
         call = self._stub.Decode(message)
         try:
             async for response in call:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
-import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import aclosing
 from dataclasses import dataclass, field, replace
@@ -97,7 +97,7 @@ class OpenAIServing:
         """Run a non-streaming request to completion and return its body.
         Raises ``OpenAIError`` (500/503) when the backend fails."""
         prefix, obj = _OBJECTS[inp.endpoint]
-        request_id = f"{prefix}-{uuid.uuid4().hex}"
+        request_id = f"{prefix}-{os.urandom(16).hex()}"
         created = int(self._clock())
         choices = [_Choice() for _ in range(inp.num_choices)]
         try:
@@ -174,7 +174,7 @@ class OpenAIServing:
         finish with the usage chunk and ``[DONE]``.
         """
         prefix, obj = _OBJECTS[inp.endpoint]
-        request_id = f"{prefix}-{uuid.uuid4().hex}"
+        request_id = f"{prefix}-{os.urandom(16).hex()}"
         created = int(self._clock())
         obj = obj + ".chunk" if inp.endpoint == "chat" else obj
         prompt_tokens = sum(len(p) for p in inp.prompts)
@@ -304,7 +304,7 @@ class OpenAIServing:
                 index = p_index * params.n + i
                 out.append(BackendRequest(
                     request_id=f"{request_id}-{index}", prompt_token_ids=prompt,
-                    sampling_params=replace(params, n=1, seed=inp.choice_seed(i)),
+                    sampling_params=params.for_choice(inp.choice_seed(i)),
                     block_hashes=hashes, cache_salt=inp.cache_salt, user=inp.user,
                     arrival_time=inp.arrival_time))
         return out

@@ -47,3 +47,16 @@ def test_logprobs_and_finish_reason_round_trip() -> None:
     for reason in ("stop", "length", "abort", None):
         assert finish_reason_from_proto(finish_reason_to_proto(reason)) == reason
     assert finish_reason_to_proto(None) == pb.FINISH_REASON_UNSPECIFIED
+
+
+def test_for_choice_copies_with_one_choice_and_a_checked_seed() -> None:
+    params = SamplingParams(n=3, temperature=0.7, max_tokens=5, stop_token_ids=[7], seed=None)
+    choice = params.for_choice(42)
+    assert (choice.n, choice.seed, choice.temperature, choice.max_tokens) == (1, 42, 0.7, 5)
+    assert (params.n, params.seed) == (3, None)
+    choice.stop_token_ids.append(8)
+    assert params.stop_token_ids == [7]
+    assert params.for_choice(None).seed is None
+    for bad in (-1, 2**63, True, 1.5):
+        with pytest.raises(InvalidRequestError, match="seed"):
+            params.for_choice(bad)  # type: ignore[arg-type]

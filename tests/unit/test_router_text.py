@@ -62,3 +62,27 @@ def test_earliest_stop_wins_and_text_before_it_is_kept() -> None:
 def test_no_stops_passes_everything() -> None:
     m = StopStringMatcher(["", ""])
     assert m.feed("anything").text == "anything" and m.flush() == ""
+
+
+def test_ids_decoder_gives_the_tokenizers_text_and_falls_back_where_it_cleans_up() -> None:
+    import copy
+    import random
+
+    from splitserve.router.detokenizer import ids_decoder
+
+    tok = tokenizer()
+    direct = ids_decoder(tok)
+    rng = random.Random(0)
+    for _ in range(500):
+        ids = [rng.randrange(len(tok)) for _ in range(rng.randrange(1, 9))]
+        for skip in (True, False):
+            assert direct(ids, skip) == tok.decode(ids, skip_special_tokens=skip)
+    plain = copy.copy(tok)  # no clean-up: the Rust backend is called, not decode
+    plain.decode = lambda ids, skip_special_tokens=False: "not called"
+    assert ids_decoder(plain)([1, 2], True) == tok.decode([1, 2], skip_special_tokens=True) != "not called"
+    cleaning = copy.copy(tok)
+    cleaning.clean_up_tokenization_spaces = True
+    cleaning.clean_up_tokenization_spaces_for_bpe_even_though_it_will_corrupt_output = True
+    calls: list[list[int]] = []
+    cleaning.decode = lambda ids, skip_special_tokens=False: calls.append(ids) or "cleaned"
+    assert ids_decoder(cleaning)([1, 2], True) == "cleaned" and calls == [[1, 2]]

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 from splitserve.engine.request import TokenLogprobs
 from splitserve.router.backend import BackendRequest, GenerationBackend
-from splitserve.router.detokenizer import IncrementalDetokenizer, Tokenizer
+from splitserve.router.detokenizer import IncrementalDetokenizer, TextDecoder
 from splitserve.router.stop_strings import StopStringMatcher
 
 
@@ -34,7 +34,7 @@ class ChoiceDelta:
 
 
 async def stream_choice(backend: GenerationBackend, request: BackendRequest, index: int,
-                        tokenizer: Tokenizer, stop: Sequence[str]) -> AsyncIterator[ChoiceDelta]:
+                        tokenizer: TextDecoder, stop: Sequence[str]) -> AsyncIterator[ChoiceDelta]:
     """Run ``request`` on ``backend`` and yield its deltas.
 
     A stop string finishes the choice with "stop" and closes the backend

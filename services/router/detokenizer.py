@@ -17,14 +17,18 @@ PROMPT_CONTEXT_TOKENS = 5
 _REPLACEMENT = "\ufffd"
 
 
-class Tokenizer(Protocol):
-    """The slice of a Hugging Face tokenizer the router uses."""
+class TextDecoder(Protocol):
+    """What turning output ids into text needs (a tokenizer, a ``TokenText``)."""
 
     eos_token_id: int | None
 
-    def encode(self, text: str, add_special_tokens: bool = ...) -> list[int]: ...
-
     def decode(self, token_ids: Sequence[int], skip_special_tokens: bool = ...) -> str: ...
+
+
+class Tokenizer(TextDecoder, Protocol):
+    """The slice of a Hugging Face tokenizer the router uses."""
+
+    def encode(self, text: str, add_special_tokens: bool = ...) -> list[int]: ...
 
 
 def ids_decoder(tokenizer: Tokenizer) -> Callable[[list[int], bool], str]:
@@ -58,6 +62,23 @@ def _decodes_as_backend(tokenizer: Any, backend: Any) -> bool:
         tokenizer, "clean_up_tokenization_spaces_for_bpe_even_though_it_will_corrupt_output", True) is False)
 
 
+class TokenText:
+    """A tokenizer's ``decode`` and ``eos_token_id``, prepared once for the
+    router's per-token work (``ids_decoder``; transformers resolves
+    ``eos_token_id`` through ``__getattr__`` on every read). Stands in for the
+    tokenizer wherever only those two are used."""
+
+    __slots__ = ("_decode_ids", "eos_token_id")
+
+    def __init__(self, tokenizer: Tokenizer) -> None:
+        self._decode_ids = ids_decoder(tokenizer)
+        self.eos_token_id: int | None = tokenizer.eos_token_id
+
+    def decode(self, token_ids: Sequence[int], skip_special_tokens: bool = False) -> str:
+        return self._decode_ids(token_ids if isinstance(token_ids, list) else list(token_ids),
+                                skip_special_tokens)
+
+
 class IncrementalDetokenizer:
     """Turns a stream of output token ids into text deltas.
 
@@ -68,10 +89,9 @@ class IncrementalDetokenizer:
     vocabularies.
     """
 
-    def __init__(self, tokenizer: Tokenizer, prompt_token_ids: Sequence[int],
-                 skip_special_tokens: bool = True,
-                 decode: Callable[[list[int], bool], str] | None = None) -> None:
-        self._decode_ids = decode or ids_decoder(tokenizer)
+    def __init__(self, tokenizer: TextDecoder, prompt_token_ids: Sequence[int],
+                 skip_special_tokens: bool = True) -> None:
+        self._tokenizer = tokenizer
         self._skip = skip_special_tokens
         context = list(prompt_token_ids[-PROMPT_CONTEXT_TOKENS:])
         self._ids: list[int] = context
@@ -106,4 +126,4 @@ class IncrementalDetokenizer:
         return full_text[len(prefix_text):]
 
     def _decode(self, ids: list[int]) -> str:
-        return self._decode_ids(ids, self._skip)
+        return self._tokenizer.decode(ids, skip_special_tokens=self._skip)

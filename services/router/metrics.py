@@ -6,6 +6,8 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from splitserve.router.loop_metrics import LoopCounter, LoopHistogram
+
 _LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5,
                     0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
 _RATIO_BUCKETS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 1.0)
@@ -28,49 +30,49 @@ class RouterMetrics:
         self.registry = registry or CollectorRegistry()
         self._routing_children: dict[tuple[str, str, str], tuple[Any, Any, Any, Any]] = {}
         r = self.registry
-        self.time_to_first_token = Histogram(
+        self.time_to_first_token = LoopHistogram(
             "splitserve:time_to_first_token_seconds",
             "Router-side time from request arrival to the first output token.",
             buckets=_LATENCY_BUCKETS, registry=r)
-        self.inter_token_latency = Histogram(
+        self.inter_token_latency = LoopHistogram(
             "splitserve:inter_token_latency_seconds",
             "Router-side time between consecutive output token chunks, per token.",
             buckets=_LATENCY_BUCKETS, registry=r)
-        self.e2e_request_latency = Histogram(
+        self.e2e_request_latency = LoopHistogram(
             "splitserve:e2e_request_latency_seconds",
             "Router-side time from request arrival to the last token.",
             buckets=_LATENCY_BUCKETS, registry=r)
-        self.request_queue_time = Histogram(
+        self.request_queue_time = LoopHistogram(
             "splitserve:request_queue_time_seconds",
             "Time from request arrival until it was handed to the backend.",
             buckets=_LATENCY_BUCKETS, registry=r)
-        self.requests = Counter(
+        self.requests = LoopCounter(
             "splitserve:router_requests_total",
             "HTTP generation requests by endpoint and outcome.",
             ["endpoint", "status"], registry=r)
-        self.prompt_tokens = Counter(
+        self.prompt_tokens = LoopCounter(
             "splitserve:prompt_tokens_total", "Prompt tokens of accepted requests.", registry=r)
-        self.generation_tokens = Counter(
+        self.generation_tokens = LoopCounter(
             "splitserve:generation_tokens_total", "Output tokens streamed back.", registry=r)
-        self.routing_decisions = Counter(
+        self.routing_decisions = LoopCounter(
             "splitserve:routing_decisions_total",
             "Pod choices by role, policy and pod.", ["role", "policy", "pod"], registry=r)
-        self.prefix_blocks_queried = Counter(
+        self.prefix_blocks_queried = LoopCounter(
             "splitserve:router_prefix_blocks_queried_total",
             "Full prompt blocks of routed requests (denominator of the router's prefix-hit ratio).",
             ["role"], registry=r)
-        self.prefix_blocks_matched = Counter(
+        self.prefix_blocks_matched = LoopCounter(
             "splitserve:router_prefix_blocks_matched_total",
             "Prompt blocks the router believed cached on the chosen pod.", ["role"], registry=r)
-        self.prefix_hit_ratio = Histogram(
+        self.prefix_hit_ratio = LoopHistogram(
             "splitserve:router_prefix_hit_ratio",
             "Per request: matched blocks / prompt blocks on the chosen pod.",
             ["role"], buckets=_RATIO_BUCKETS, registry=r)
-        self.retries = Counter(
+        self.retries = LoopCounter(
             "splitserve:router_retries_total",
             "Retries by role and reason (pod failure, KV pull failure, lost stream).",
             ["role", "reason"], registry=r)
-        self.pd_decisions = Counter(
+        self.pd_decisions = LoopCounter(
             "splitserve:pd_decisions_total",
             "How requests were served: disaggregated, unified, recompute fallback...",
             ["path"], registry=r)

@@ -19,7 +19,7 @@ from splitserve.router import formatting as fmt
 from splitserve.router.backend import BackendError, BackendRequest, BackendUnavailableError, GenerationBackend
 from splitserve.router.choice_stream import ChoiceDelta, merge_choices, stream_choice
 from splitserve.router.constraints import ConstraintChecker
-from splitserve.router.detokenizer import Tokenizer
+from splitserve.router.detokenizer import TokenText, Tokenizer
 from splitserve.router.errors import OpenAIError, internal_error, service_unavailable
 from splitserve.router.inputs import (ChatTokenizer, GenerationInput, chat_input, completion_input, detokenize,
                                      tokenize)
@@ -59,6 +59,7 @@ class OpenAIServing:
                  clock: Callable[[], float] = time.time) -> None:
         self.backend = backend
         self.tokenizer = tokenizer
+        self.text = TokenText(tokenizer)  # decode and EOS for the per-token work
         self.settings = settings
         self.metrics = metrics or RouterMetrics()
         self.constraints = ConstraintChecker()
@@ -116,7 +117,7 @@ class OpenAIServing:
         for index, choice in enumerate(choices):
             text = "".join(choice.text)
             if inp.endpoint == "chat":
-                lp = (fmt.chat_logprobs_content(self.tokenizer, choice.logprobs, inp.logprobs or 0)
+                lp = (fmt.chat_logprobs_content(self.text, choice.logprobs, inp.logprobs or 0)
                       if inp.logprobs is not None else None)
                 if inp.tool_plan is None:
                     bodies.append(fmt.chat_choice(index, text, choice.finish_reason, lp))
@@ -132,7 +133,7 @@ class OpenAIServing:
                 if inp.echo_prompts is not None:
                     text = inp.echo_prompts[index // inp.sampling_params.n] + text
                     entries = [*(choice.prompt_logprobs or ()), *entries]
-                clp = (fmt.CompletionLogprobsBuilder(self.tokenizer, inp.logprobs).build(entries, prompt)
+                clp = (fmt.CompletionLogprobsBuilder(self.text, inp.logprobs).build(entries, prompt)
                        if inp.logprobs is not None else None)
                 bodies.append(fmt.completion_choice(index, text, choice.finish_reason, clp,
                                                     self._prompt_logprobs(inp, choice.prompt_logprobs)))
@@ -148,7 +149,7 @@ class OpenAIServing:
         """vLLM's ``prompt_logprobs`` body when asked, else None."""
         if inp.sampling_params.prompt_logprobs is None:
             return None
-        return fmt.prompt_logprobs_body(self.tokenizer, entries or (None,))
+        return fmt.prompt_logprobs_body(self.text, entries or (None,))
 
     def _cached_tokens(self, inp: GenerationInput, per_choice: list[int]) -> int | None:
         """Prompt tokens served from a prefix cache, summed over prompts (each
@@ -180,7 +181,7 @@ class OpenAIServing:
         prompt_tokens = sum(len(p) for p in inp.prompts)
         completion_tokens = 0
         cached = [0] * inp.num_choices
-        builders = [fmt.CompletionLogprobsBuilder(self.tokenizer, inp.logprobs or 0)
+        builders = [fmt.CompletionLogprobsBuilder(self.text, inp.logprobs or 0)
                     for _ in range(inp.num_choices)]
         tools = ([ToolCallStream(inp.tool_plan) for _ in range(inp.num_choices)]
                  if inp.tool_plan is not None else None)
@@ -235,7 +236,7 @@ class OpenAIServing:
         body, finish = stream.feed(delta.text, delta.finish_reason is not None)
         if body is None and inp.logprobs is None:
             return None
-        lp = (fmt.chat_logprobs_content(self.tokenizer, delta.logprobs or (), inp.logprobs or 0)
+        lp = (fmt.chat_logprobs_content(self.text, delta.logprobs or (), inp.logprobs or 0)
               if inp.logprobs is not None else None)
         return fmt.chat_delta_choice(delta.index, body or {}, finish or delta.finish_reason, lp)
 
@@ -245,7 +246,7 @@ class OpenAIServing:
         """``echoed``: prompt logprobs that lead this delta's (echo with logprobs)."""
         entries = delta.logprobs or ()
         if inp.endpoint == "chat":
-            lp = (fmt.chat_logprobs_content(self.tokenizer, entries, inp.logprobs or 0)
+            lp = (fmt.chat_logprobs_content(self.text, entries, inp.logprobs or 0)
                   if inp.logprobs is not None else None)
             body = {"content": delta.text} if delta.text or delta.finish_reason is None else {}
             return fmt.chat_delta_choice(delta.index, body, delta.finish_reason, lp)
@@ -257,7 +258,7 @@ class OpenAIServing:
     async def _deltas(self, inp: GenerationInput, request_id: str) -> AsyncIterator[ChoiceDelta]:
         """All choices' deltas, with router-side latency metrics and outcome."""
         metrics = self.metrics
-        streams = [stream_choice(self.backend, r, i, self.tokenizer, inp.stop)
+        streams = [stream_choice(self.backend, r, i, self.text, inp.stop)
                    for i, r in enumerate(self.backend_requests(inp, request_id))]
         metrics.prompt_tokens.inc(sum(len(p) for p in inp.prompts))
         metrics.request_queue_time.observe(time.monotonic() - inp.arrival_time)

@@ -138,7 +138,9 @@ class FakeEngine(pb_grpc.EngineServicer):
             yield pb.DecodeResponse(finished=pb.Finished(
                 reason=reason, num_prompt_tokens=len(prompt),
                 num_output_tokens=len(done), kv_source=source))
-        except asyncio.CancelledError:
+        except (asyncio.CancelledError, GeneratorExit):
+            # GeneratorExit: the cancel came while grpc was writing a response (not in the sleep),
+            # so grpc closed the generator at its yield.
             self.cancelled.append(request.request_id)
             raise
         finally:

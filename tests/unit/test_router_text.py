@@ -68,10 +68,13 @@ def test_ids_decoder_gives_the_tokenizers_text_and_falls_back_where_it_cleans_up
     import copy
     import random
 
-    from splitserve.router.detokenizer import ids_decoder
+    from splitserve.router.detokenizer import TokenText, ids_decoder
 
     tok = tokenizer()
     direct = ids_decoder(tok)
+    text = TokenText(tok)
+    assert text.eos_token_id == tok.eos_token_id is not None
+    assert text.decode((5, tok.eos_token_id), skip_special_tokens=True) == tok.decode([5], skip_special_tokens=False)
     rng = random.Random(0)
     for _ in range(500):
         ids = [rng.randrange(len(tok)) for _ in range(rng.randrange(1, 9))]

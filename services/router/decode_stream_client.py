@@ -27,7 +27,10 @@ from splitserve.proto import splitserve_v1_pb2 as pb
 
 logger = logging.getLogger(__name__)
 
+# Opens a DecodeStream whose requests are written as serialized bytes (the
+# multicallable has no request serializer; ``encode_starts`` makes them).
 OpenStream = Callable[[], grpc.aio.StreamStreamCall]
+DECODE_STREAM_METHOD = "/splitserve.v1.Engine/DecodeStream"
 
 # Nothing is written before the pod's marker came: a write that races the
 # status of a pod without the RPC turns its UNIMPLEMENTED into INTERNAL
@@ -50,6 +53,33 @@ class DecodeStreamError(Exception):
 
 class DecodeStreamUnsupported(DecodeStreamError):
     """The pod has no DecodeStream (an older version): use Decode."""
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while value > 0x7F:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def encode_start(tag: int, request: pb.DecodeRequest) -> bytes:
+    """One ``DecodeStreamRequest.starts`` entry, serialized: written as it is
+    into the batch, so a request is serialized once (building the batch as
+    messages copied each request twice: into its DecodeStart, then into the
+    batch)."""
+    body = request.SerializeToString()
+    start = b"\x08" + _varint(tag) + b"\x12" + _varint(len(body)) + body  # DecodeStart: 1 tag, 2 request
+    return b"\x0a" + _varint(len(start)) + start  # DecodeStreamRequest field 1 (starts)
+
+
+def encode_cancels(tags: list[int]) -> bytes:
+    """``DecodeStreamRequest.cancels`` (field 2, packed), serialized."""
+    if not tags:
+        return b""
+    packed = b"".join(_varint(tag) for tag in tags)
+    return b"\x12" + _varint(len(packed)) + packed
 
 
 class _Route:
@@ -94,8 +124,7 @@ class _Session:
         self.call = call
         self.routes: dict[int, _Route] = {}
         self.broken: DecodeStreamError | None = None
-        self._starts: list[pb.DecodeStart] = []
-        self._start_bytes: list[int] = []
+        self._starts: list[bytes] = []  # encode_start entries
         self._cancels: list[int] = []
         self._wake_writer = asyncio.Event()
         loop = asyncio.get_running_loop()
@@ -104,8 +133,7 @@ class _Session:
 
     def start(self, tag: int, request: pb.DecodeRequest) -> _Route:
         route = self.routes[tag] = _Route()
-        self._starts.append(pb.DecodeStart(tag=tag, request=request))
-        self._start_bytes.append(5 * len(request.token_ids) + 256)  # a bound: uint32 varints, sampling
+        self._starts.append(encode_start(tag, request))
         self._wake_writer.set()
         return route
 
@@ -134,15 +162,16 @@ class _Session:
         except Exception as exc:  # noqa: BLE001 - the call ended; the reader reports its status
             logger.debug("DecodeStream write failed: %r", exc)
 
-    def _next_message(self) -> pb.DecodeStreamRequest:
-        """Every queued cancel, and the queued starts up to ``_BATCH_BYTES``."""
+    def _next_message(self) -> bytes:
+        """Every queued cancel, and the queued starts up to ``_BATCH_BYTES``
+        (a serialized ``DecodeStreamRequest``)."""
         count, size = 0, 0
-        for nbytes in self._start_bytes:
-            if count and size + nbytes > _BATCH_BYTES:
+        for start in self._starts:
+            if count and size + len(start) > _BATCH_BYTES:
                 break
-            count, size = count + 1, size + nbytes
-        message = pb.DecodeStreamRequest(starts=self._starts[:count], cancels=self._cancels)
-        del self._starts[:count], self._start_bytes[:count]
+            count, size = count + 1, size + len(start)
+        message = b"".join(self._starts[:count]) + encode_cancels(self._cancels)
+        del self._starts[:count]
         self._cancels = []
         return message
 

@@ -24,7 +24,8 @@ from splitserve.proto import splitserve_v1_pb2_grpc as pb_grpc
 from splitserve.pod.proto_convert import (decode_tokens, finish_reason_from_proto, logprobs_from_proto,
                                       logprobs_list_from_proto, prompt_logprobs_from_proto, sampling_to_proto)
 from splitserve.router.backend import BackendError
-from splitserve.router.decode_stream_client import DecodeStreamClient, DecodeStreamError, DecodeStreamUnsupported
+from splitserve.router.decode_stream_client import (DECODE_STREAM_METHOD, DecodeStreamClient, DecodeStreamError,
+                                                    DecodeStreamUnsupported)
 from splitserve.router.pod_state import PodLoad
 
 logger = logging.getLogger(__name__)
@@ -146,7 +147,9 @@ class PodClient:
         self._channel = channel or aio_channel(address, tls, _CHANNEL_OPTIONS)
         self._stub = pb_grpc.EngineStub(self._channel)
         self.multiplex = multiplex
-        self._decode_stream = DecodeStreamClient(self._stub.DecodeStream)
+        self._decode_stream = DecodeStreamClient(self._channel.stream_stream(
+            DECODE_STREAM_METHOD, request_serializer=None,
+            response_deserializer=pb.DecodeStreamResponse.FromString))
 
     async def close(self) -> None:
         await self._decode_stream.close()

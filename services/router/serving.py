@@ -13,10 +13,10 @@ from typing import Any, Protocol
 
 import orjson
 
-from splitserve.engine.block_hash import hash_prompt_blocks
 from splitserve.engine.request import TokenLogprobs
 from splitserve.router import formatting as fmt
 from splitserve.router.backend import BackendError, BackendRequest, BackendUnavailableError, GenerationBackend
+from splitserve.router.block_hasher import PromptBlockHasher
 from splitserve.router.choice_stream import ChoiceDelta, merge_choices, stream_choice
 from splitserve.router.constraints import ConstraintChecker
 from splitserve.router.detokenizer import TokenText, Tokenizer
@@ -61,6 +61,7 @@ class OpenAIServing:
         self.tokenizer = tokenizer
         self.text = TokenText(tokenizer)  # decode and EOS for the per-token work
         self.settings = settings
+        self.block_hasher = PromptBlockHasher(settings.block_size)
         self.metrics = metrics or RouterMetrics()
         self.constraints = ConstraintChecker()
         self._clock = clock
@@ -300,7 +301,7 @@ class OpenAIServing:
         params = inp.sampling_params
         out = []
         for p_index, prompt in enumerate(inp.prompts):
-            hashes = tuple(hash_prompt_blocks(prompt, self.settings.block_size, salt=inp.cache_salt))
+            hashes = self.block_hasher.hashes(prompt, inp.cache_salt)
             for i in range(params.n):
                 index = p_index * params.n + i
                 out.append(BackendRequest(

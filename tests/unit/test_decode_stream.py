@@ -197,3 +197,19 @@ async def test_a_pod_down_at_first_contact_is_not_taken_for_an_older_one(unified
                 await asyncio.sleep(0.05)
         assert pod.calls["DecodeStream"] == 1 and pod.calls["Decode"] == 1 and client.multiplex
         await wait_clean(unified)
+
+
+async def test_batches_written_as_bytes_parse_as_the_messages_they_stand_for() -> None:
+    from splitserve.proto import splitserve_v1_pb2 as pb
+    from splitserve.router.decode_stream_client import encode_cancels, encode_start
+
+    requests = [pb.DecodeRequest(request_id=f"r{i}", token_ids=range(i * 300, i * 300 + 40 * i),
+                                 num_prompt_tokens=3, accept_last_chunk=True) for i in range(4)]
+    requests[1].sampling.temperature = 0.5
+    tags = [1, 127, 128, 2**40 + 3]
+    cancels = [0, 5, 300, 2**63 + 1]
+    raw = b"".join(encode_start(tag, r) for tag, r in zip(tags, requests)) + encode_cancels(cancels)
+    expected = pb.DecodeStreamRequest(starts=[pb.DecodeStart(tag=t, request=r) for t, r in zip(tags, requests)],
+                                      cancels=cancels)
+    assert pb.DecodeStreamRequest.FromString(raw) == expected
+    assert encode_cancels([]) == b"" and pb.DecodeStreamRequest.FromString(encode_cancels([9])).cancels == [9]

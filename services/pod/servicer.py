@@ -3,10 +3,10 @@
 Unary RPCs answer a ``PodError`` with its status code (INVALID_ARGUMENT,
 NOT_FOUND, FAILED_PRECONDITION, UNAVAILABLE). Decode answers it with an
 ``error`` event that ends the stream (the RPC itself ends OK), so a client
-sees refusals before and after the first token the same way; DecodeStream
-carries many Decodes (``DecodeMultiplexer``) and answers each the same way,
-tagged. Unexpected exceptions become INTERNAL without details leaking beyond
-the message.
+sees refusals before and after the first token the same way. DecodeStream
+and PrefillStream carry many Decodes or Prefills (``StreamMultiplexer``) and
+answer each as its own call would, tagged. Unexpected exceptions become
+INTERNAL without details leaking beyond the message.
 """
 from __future__ import annotations
 
@@ -21,7 +21,9 @@ from splitserve.engine.block_pool import KVCacheEvents
 from splitserve.engine.errors import InvalidRequestError
 from splitserve.engine.sampling_params import SamplingParams
 from splitserve.pod.core import PodCore
-from splitserve.pod.decode_multiplexer import DECODE_STREAM_MARKER, DecodeMultiplexer
+from splitserve.pod.start_context import StartAborted, StartContext
+from splitserve.pod.stream_multiplexer import (DECODE_STREAM, DECODE_STREAM_MARKER, PREFILL_STREAM,
+                                               PREFILL_STREAM_MARKER, StreamMultiplexer)
 from splitserve.pod.load_stream import events_with_load
 from splitserve.pod.messages import DecodeChunk, KVHandle, KVSource, LoadSnapshot, PodError, Role
 from splitserve.proto import splitserve_v1_pb2 as pb
@@ -74,6 +76,17 @@ def _kv_batch(batch: KVCacheEvents) -> pb.KVEventBatch:
     return pb.KVEventBatch(stored_block_hashes=list(batch.stored_block_hashes),
                            removed_block_hashes=list(batch.removed_block_hashes),
                            all_cleared=batch.all_cleared, block_hash_version=BLOCK_HASH_VERSION)
+
+
+async def _multiplexed(mux: StreamMultiplexer, requests: AsyncIterator[object]) -> AsyncIterator[object]:
+    """``mux``'s batches while it reads ``requests``; its requests abort when the stream ends."""
+    reader = asyncio.get_running_loop().create_task(mux.feed(requests))
+    try:
+        async for batch in mux.responses():
+            yield batch
+    finally:
+        reader.cancel()
+        await mux.close()
 
 
 class PodServicer(pb_grpc.EngineServicer):
@@ -141,14 +154,28 @@ class PodServicer(pb_grpc.EngineServicer):
         # every failure in-stream and never aborts ``context``: the stream is
         # shared, so one request's refusal must not end the others.
         await context.send_initial_metadata((DECODE_STREAM_MARKER,))  # the caller writes only after it
-        mux = DecodeMultiplexer(lambda request: self.Decode(request, context))
-        reader = asyncio.get_running_loop().create_task(mux.feed(request_iterator))
-        try:
-            async for batch in mux.responses():
-                yield batch
-        finally:
-            reader.cancel()
-            await mux.close()
+        mux = StreamMultiplexer(lambda request: self.Decode(request, context), DECODE_STREAM)
+        async for batch in _multiplexed(mux, request_iterator):
+            yield batch
+
+    async def PrefillStream(self, request_iterator: AsyncIterator[pb.PrefillStreamRequest],
+                            context: grpc.aio.ServicerContext) -> AsyncIterator[pb.PrefillStreamResponse]:
+        # Each start runs ``self.Prefill`` (a subclass's too) with a context
+        # whose abort answers that request alone.
+        await context.send_initial_metadata((PREFILL_STREAM_MARKER,))
+        start_context = StartContext(context)
+
+        async def prefill(request: pb.PrefillRequest) -> AsyncIterator[pb.PrefillEvent]:
+            try:
+                reply = await self.Prefill(request, start_context)  # type: ignore[arg-type]
+            except StartAborted as exc:
+                yield pb.PrefillEvent(error=pb.Error(code=exc.code.name, message=exc.details))
+                return
+            yield pb.PrefillEvent(response=reply)
+
+        mux = StreamMultiplexer(prefill, PREFILL_STREAM)
+        async for batch in _multiplexed(mux, request_iterator):
+            yield batch
 
     async def Abort(self, request: pb.AbortRequest, context: grpc.aio.ServicerContext) -> pb.AbortResponse:
         if not self.core.abort(request.request_id):

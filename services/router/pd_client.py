@@ -2,11 +2,12 @@
 
 Converts protobuf to the router's dataclasses (through ``proto_convert``) and
 gRPC failures to ``PodCallError``; holds no request state but the routing of
-the pod's shared DecodeStream (``decode_stream_client``). The orchestrator
+the pod's shared DecodeStream and PrefillStream (``tagged_stream_client``). The orchestrator
 and the pod watcher are its only users.
 """
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
 from contextlib import aclosing
@@ -24,8 +25,8 @@ from splitserve.proto import splitserve_v1_pb2_grpc as pb_grpc
 from splitserve.pod.proto_convert import (decode_tokens, finish_reason_from_proto, logprobs_from_proto,
                                       logprobs_list_from_proto, prompt_logprobs_from_proto, sampling_to_proto)
 from splitserve.router.backend import BackendError
-from splitserve.router.decode_stream_client import (DECODE_STREAM_METHOD, DecodeStreamClient, DecodeStreamError,
-                                                    DecodeStreamUnsupported)
+from splitserve.router.tagged_stream_client import (DECODE_STREAM, PREFILL_STREAM, TaggedStreamClient,
+                                                   TaggedStreamError, TaggedStreamUnsupported)
 from splitserve.router.pod_state import PodLoad
 
 logger = logging.getLogger(__name__)
@@ -134,8 +135,10 @@ class KVEvents:
 class PodClient:
     """One channel to one pod (``address`` = host:port, also the pod's id).
 
-    Decodes share one ``DecodeStream`` per pod (``multiplex``; a pod without
-    it gets a Decode call per request, found out on first use).
+    Decodes share one ``DecodeStream`` per pod and prefills one
+    ``PrefillStream`` (``multiplex``; a pod without them gets a call per
+    request, found out on first use: ``multiplex`` / ``multiplex_prefill``
+    turn False).
 
     Every method raises ``PodCallError`` on a gRPC failure; cancelling the
     awaiting task cancels the RPC (the pod sees the cancellation).
@@ -147,22 +150,20 @@ class PodClient:
         self._channel = channel or aio_channel(address, tls, _CHANNEL_OPTIONS)
         self._stub = pb_grpc.EngineStub(self._channel)
         self.multiplex = multiplex
-        self._decode_stream = DecodeStreamClient(self._channel.stream_stream(
-            DECODE_STREAM_METHOD, request_serializer=None,
-            response_deserializer=pb.DecodeStreamResponse.FromString))
+        self.multiplex_prefill = multiplex
+        self._decode_stream = TaggedStreamClient(DECODE_STREAM.opener(self._channel), DECODE_STREAM)
+        self._prefill_stream = TaggedStreamClient(PREFILL_STREAM.opener(self._channel), PREFILL_STREAM)
 
     async def close(self) -> None:
         await self._decode_stream.close()
+        await self._prefill_stream.close()
         await self._channel.close()
 
     async def prefill(self, request_id: str, token_ids: tuple[int, ...], sampling: SamplingParams,
                       cache_salt: str | None = None, timeout: float | None = None) -> PrefillResult:
         message = pb.PrefillRequest(request_id=request_id, token_ids=token_ids,
                                     sampling=sampling_to_proto(sampling), cache_salt=cache_salt or "")
-        try:
-            response: pb.PrefillResponse = await self._stub.Prefill(message, timeout=timeout)
-        except grpc.aio.AioRpcError as exc:
-            raise self._error("Prefill", exc) from None
+        response = await self._prefill_response(message, timeout)
         return PrefillResult(
             first_token_id=response.first_token_id,
             first_logprobs=(logprobs_from_proto(response.first_logprobs)
@@ -173,6 +174,32 @@ class PodClient:
             num_cached_tokens=response.num_cached_tokens,
             prompt_logprobs=(prompt_logprobs_from_proto(response.prompt_logprobs)
                              if sampling.prompt_logprobs is not None else None))
+
+    async def _prefill_response(self, message: pb.PrefillRequest, timeout: float | None) -> pb.PrefillResponse:
+        """The pod's answer over its shared PrefillStream, or a Prefill call of
+        its own when it has none (or ``multiplex`` is off)."""
+        if self.multiplex_prefill:
+            try:
+                first = _first_event(self._prefill_stream.events(message))
+                event = await (first if timeout is None else asyncio.wait_for(first, timeout))
+            except TaggedStreamUnsupported:  # before any answer: the call below is the first try
+                logger.info("pod %s has no PrefillStream (an older version): one Prefill call per request",
+                            self.address)
+                self.multiplex_prefill = False
+            except TaggedStreamError as exc:
+                raise PodCallError(self.address, "Prefill", exc.code, exc.details) from None
+            except TimeoutError:  # the cancel reached the pod as the stream's cancel of this request
+                raise PodCallError(self.address, "Prefill", grpc.StatusCode.DEADLINE_EXCEEDED,
+                                   "Deadline Exceeded") from None
+            else:
+                if event.WhichOneof("event") == "error":
+                    code = getattr(grpc.StatusCode, event.error.code, grpc.StatusCode.UNKNOWN)
+                    raise PodCallError(self.address, "Prefill", code, event.error.message)
+                return event.response
+        try:
+            return await self._stub.Prefill(message, timeout=timeout)
+        except grpc.aio.AioRpcError as exc:
+            raise self._error("Prefill", exc) from None
 
     async def decode(self, request_id: str, token_ids: tuple[int, ...], num_prompt_tokens: int,
                      sampling: SamplingParams, kv_handle: pb.KVHandle | None = None,
@@ -191,7 +218,7 @@ class PodClient:
         while True:
             # The shared stream, or a Decode call of its own when the pod has
             # no DecodeStream (or ``multiplex`` is off).
-            responses = self._decode_stream.decode(message) if self.multiplex else self._decode_call(message)
+            responses = self._decode_stream.events(message) if self.multiplex else self._decode_call(message)
             async with aclosing(responses) as stream:
                 try:
                     async for response in stream:
@@ -213,11 +240,11 @@ class PodClient:
                             raise PodCallError(self.address, "Decode", code, response.error.message)
                     raise PodCallError(self.address, "Decode", grpc.StatusCode.UNAVAILABLE,
                                        "the stream ended without a Finished event")
-                except DecodeStreamUnsupported:  # before any event: nothing was sent to the client
+                except TaggedStreamUnsupported:  # before any event: nothing was sent to the client
                     logger.info("pod %s has no DecodeStream (an older version): one Decode call per request",
                                 self.address)
                     self.multiplex = False
-                except DecodeStreamError as exc:
+                except TaggedStreamError as exc:
                     raise PodCallError(self.address, "Decode", exc.code, exc.details) from None
                 except grpc.aio.AioRpcError as exc:
                     raise self._error("Decode", exc) from None
@@ -269,6 +296,13 @@ class PodClient:
 
     def _error(self, rpc: str, exc: grpc.aio.AioRpcError) -> PodCallError:
         return PodCallError(self.address, rpc, exc.code(), exc.details() or "")
+
+
+async def _first_event(events: AsyncIterator[pb.PrefillEvent]) -> pb.PrefillEvent:
+    async with aclosing(events) as stream:  # type: ignore[type-var]
+        async for event in stream:
+            return event
+    raise TaggedStreamError(grpc.StatusCode.UNAVAILABLE, "the PrefillStream gave no answer")
 
 
 def load_snapshot(r: pb.LoadReport) -> LoadSnapshot:

@@ -44,6 +44,16 @@ class CountingServicer(PodServicer):
             self.calls["events"] += len(batch.events)
             yield batch
 
+    async def Prefill(self, request, context):
+        self.calls["Prefill"] += 1
+        return await super().Prefill(request, context)
+
+    async def PrefillStream(self, request_iterator, context):
+        self.calls["PrefillStream"] += 1
+        async for batch in super().PrefillStream(request_iterator, context):
+            self.calls["prefill batches"] += 1
+            yield batch
+
 
 class OlderServicer(CountingServicer):
     """A pod from before DecodeStream: its server answers UNIMPLEMENTED."""
@@ -51,6 +61,22 @@ class OlderServicer(CountingServicer):
     async def DecodeStream(self, request_iterator, context) -> None:
         self.calls["DecodeStream"] += 1
         await context.abort(grpc.StatusCode.UNIMPLEMENTED, "Method not found!")
+
+    async def PrefillStream(self, request_iterator, context) -> None:
+        self.calls["PrefillStream"] += 1
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "Method not found!")
+
+
+class SlowPrefillServicer(CountingServicer):
+    """Prefills that take far longer than the caller waits."""
+
+    async def Prefill(self, request, context):
+        try:
+            await asyncio.sleep(30)
+        except asyncio.CancelledError:
+            self.calls["Prefill cancelled"] += 1
+            raise
+        return await super().Prefill(request, context)
 
 
 class ServedPod:
@@ -104,6 +130,14 @@ async def _tokens(client: PodClient, rid: str, prompt: tuple[int, ...], params=G
         else:
             assert isinstance(event, DecodeFinished) and event.num_output_tokens == len(out)
     return out
+
+
+@pytest_asyncio.fixture
+async def prefill_core(tiny_checkpoints: dict):
+    cluster = Cluster(tiny_checkpoints["llama"])
+    core = await cluster.pod(Role.PREFILL, "127.0.0.1:2")
+    yield core
+    await cluster.close()
 
 
 @pytest_asyncio.fixture
@@ -201,7 +235,7 @@ async def test_a_pod_down_at_first_contact_is_not_taken_for_an_older_one(unified
 
 async def test_batches_written_as_bytes_parse_as_the_messages_they_stand_for() -> None:
     from splitserve.proto import splitserve_v1_pb2 as pb
-    from splitserve.router.decode_stream_client import encode_cancels, encode_start
+    from splitserve.router.tagged_stream_client import encode_cancels, encode_start
 
     requests = [pb.DecodeRequest(request_id=f"r{i}", token_ids=range(i * 300, i * 300 + 40 * i),
                                  num_prompt_tokens=3, accept_last_chunk=True) for i in range(4)]
@@ -213,3 +247,53 @@ async def test_batches_written_as_bytes_parse_as_the_messages_they_stand_for() -
                                       cancels=cancels)
     assert pb.DecodeStreamRequest.FromString(raw) == expected
     assert encode_cancels([]) == b"" and pb.DecodeStreamRequest.FromString(encode_cancels([9])).cancels == [9]
+
+
+async def test_prefills_share_one_stream_answer_as_calls_and_a_refusal_stays_with_its_request(
+        prefill_core) -> None:
+    async with served(prefill_core) as (pod, shared):
+        plain = PodClient(pod.address, multiplex=False)
+        try:
+            expected = await asyncio.gather(*(plain.prefill(f"p{i}", p, GREEDY) for i, p in enumerate(PROMPTS)))
+            assert pod.calls["Prefill"] == len(PROMPTS) and pod.calls["PrefillStream"] == 0
+            for i in range(len(PROMPTS)):
+                assert await plain.abort(f"p{i}")  # drop the lease
+            bad = (5, 10**6, 7)  # a token id outside the vocabulary: INVALID_ARGUMENT
+            got = await asyncio.gather(*(shared.prefill(f"s{i}", p, GREEDY) for i, p in enumerate(PROMPTS)),
+                                       shared.prefill("bad", bad, GREEDY), return_exceptions=True)
+            refused = got.pop()
+            assert isinstance(refused, PodCallError) and refused.code == grpc.StatusCode.INVALID_ARGUMENT
+            assert [(r.first_token_id, r.num_prompt_tokens, r.kv_handle is not None) for r in got] == \
+                [(r.first_token_id, r.num_prompt_tokens, True) for r in expected]
+            assert pod.calls["PrefillStream"] == 1 and shared.multiplex_prefill
+            assert pod.calls["prefill batches"] < len(PROMPTS) + 1  # answers left together
+            for i in range(len(PROMPTS)):
+                assert await shared.abort(f"s{i}")
+            await wait_clean(prefill_core)
+        finally:
+            await plain.close()
+
+
+async def test_a_prefill_past_its_timeout_is_cancelled_on_the_pod_and_the_stream_serves_on(
+        prefill_core) -> None:
+    async with served(prefill_core, SlowPrefillServicer) as (pod, client):
+        with pytest.raises(PodCallError) as info:
+            await client.prefill("slow", PROMPTS[0], GREEDY, timeout=0.3)
+        assert info.value.code == grpc.StatusCode.DEADLINE_EXCEEDED and info.value.code in RETRYABLE
+        deadline = asyncio.get_running_loop().time() + 5
+        while pod.calls["Prefill cancelled"] < 1:
+            assert asyncio.get_running_loop().time() < deadline, "the pod never saw the cancel"
+            await asyncio.sleep(0.02)
+        assert pod.calls["PrefillStream"] == 1
+        await wait_clean(prefill_core)
+
+
+async def test_an_older_pod_gets_a_prefill_call_per_request(prefill_core) -> None:
+    async with served(prefill_core, OlderServicer) as (pod, client):
+        first = await client.prefill("old-1", PROMPTS[0], GREEDY)
+        second = await client.prefill("old-2", PROMPTS[1], GREEDY)
+        assert first.kv_handle is not None and second.kv_handle is not None
+        assert not client.multiplex_prefill
+        assert pod.calls["PrefillStream"] == 1 and pod.calls["Prefill"] == 2
+        assert await client.abort("old-1") and await client.abort("old-2")
+        await wait_clean(prefill_core)

@@ -99,6 +99,9 @@ class FakeEngine(pb_grpc.EngineServicer):
         # raises instead, which grpc sometimes reports as UNKNOWN.
         await context.abort(grpc.StatusCode.UNIMPLEMENTED, "Method not found!")
 
+    async def PrefillStream(self, request_iterator, context: grpc.aio.ServicerContext) -> None:
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "Method not found!")  # as DecodeStream above
+
     async def Decode(self, request: pb.DecodeRequest, context: grpc.aio.ServicerContext):
         self.decodes.append(request)
         if self.decode_failures:

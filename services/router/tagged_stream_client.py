@@ -1,17 +1,17 @@
-"""The router's side of a pod's ``DecodeStream``: every Decode to one pod
-over one long-lived gRPC stream.
+"""The router's side of a pod's ``DecodeStream`` or ``PrefillStream``: every
+Decode (or Prefill) to one pod over one long-lived gRPC stream.
 
-A Decode call per request costs the router a call set-up, a request, the
-response stream's messages and its status; one shared stream costs a message
-per batch of starts and one per batch of events (the pod sends each step's
-events of all requests together). A request's events come out of
-``decode`` exactly as a Decode call's would; closing that iterator early
-cancels the request on the pod.
+A call per request costs the router a call set-up, a request, the
+response's messages and its status; one shared stream costs a message per
+batch of starts and one per batch of events (the pod sends each step's
+events of all requests together). A request's events come out of ``events``
+exactly as its own call's would; closing that iterator early cancels the
+request on the pod.
 
 When the stream breaks (the pod died, froze past the keepalive, or closed),
-every request on it fails with the stream's status and the next ``decode``
+every request on it fails with the stream's status and the next request
 opens a new one. A pod that predates the RPC answers UNIMPLEMENTED before any
-event: ``DecodeStreamUnsupported``, so the caller falls back to Decode.
+event: ``TaggedStreamUnsupported``, so the caller falls back to its own call.
 """
 from __future__ import annotations
 
@@ -19,18 +19,19 @@ import asyncio
 import logging
 from collections import deque
 from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 
 import grpc
+from google.protobuf.message import Message
 
-from splitserve.pod.decode_multiplexer import DECODE_STREAM_MARKER, is_terminal
+from splitserve.pod.stream_multiplexer import DECODE_STREAM_MARKER, PREFILL_STREAM_MARKER, is_terminal
 from splitserve.proto import splitserve_v1_pb2 as pb
 
 logger = logging.getLogger(__name__)
 
-# Opens a DecodeStream whose requests are written as serialized bytes (the
-# multicallable has no request serializer; ``encode_starts`` makes them).
+# Opens the stream, whose requests are written as serialized bytes (the
+# multicallable has no request serializer; ``encode_start`` makes them).
 OpenStream = Callable[[], grpc.aio.StreamStreamCall]
-DECODE_STREAM_METHOD = "/splitserve.v1.Engine/DecodeStream"
 
 # Nothing is written before the pod's marker came: a write that races the
 # status of a pod without the RPC turns its UNIMPLEMENTED into INTERNAL
@@ -42,7 +43,29 @@ DECODE_STREAM_METHOD = "/splitserve.v1.Engine/DecodeStream"
 _BATCH_BYTES = 1 << 20
 
 
-class DecodeStreamError(Exception):
+@dataclass(frozen=True)
+class StreamSpec:
+    """One kind of shared stream as the router uses it."""
+
+    name: str                                 # for messages: "DecodeStream"
+    method: str                               # the gRPC method's path
+    response: type[Message]                   # what the pod sends
+    marker: tuple[str, str]                   # the pod's initial metadata
+    is_terminal: Callable[[Message], bool]    # a request's last event
+
+    def opener(self, channel: grpc.aio.Channel) -> OpenStream:
+        """Opens this stream on ``channel``, its requests written as bytes."""
+        return channel.stream_stream(self.method, request_serializer=None,
+                                     response_deserializer=self.response.FromString)
+
+
+DECODE_STREAM = StreamSpec("DecodeStream", "/splitserve.v1.Engine/DecodeStream", pb.DecodeStreamResponse,
+                           DECODE_STREAM_MARKER, is_terminal)
+PREFILL_STREAM = StreamSpec("PrefillStream", "/splitserve.v1.Engine/PrefillStream", pb.PrefillStreamResponse,
+                            PREFILL_STREAM_MARKER, lambda event: True)
+
+
+class TaggedStreamError(Exception):
     """The shared stream ended under a running request (``code``: its status)."""
 
     def __init__(self, code: grpc.StatusCode, details: str) -> None:
@@ -51,8 +74,8 @@ class DecodeStreamError(Exception):
         self.details = details
 
 
-class DecodeStreamUnsupported(DecodeStreamError):
-    """The pod has no DecodeStream (an older version): use Decode."""
+class TaggedStreamUnsupported(TaggedStreamError):
+    """The pod has no such stream (an older version): use its own call."""
 
 
 def _varint(value: int) -> bytes:
@@ -64,18 +87,19 @@ def _varint(value: int) -> bytes:
     return bytes(out)
 
 
-def encode_start(tag: int, request: pb.DecodeRequest) -> bytes:
-    """One ``DecodeStreamRequest.starts`` entry, serialized: written as it is
+def encode_start(tag: int, request: Message) -> bytes:
+    """One ``starts`` entry of a ``DecodeStreamRequest`` or
+    ``PrefillStreamRequest`` (the same layout), serialized: written as it is
     into the batch, so a request is serialized once (building the batch as
     messages copied each request twice: into its DecodeStart, then into the
     batch)."""
     body = request.SerializeToString()
-    start = b"\x08" + _varint(tag) + b"\x12" + _varint(len(body)) + body  # DecodeStart: 1 tag, 2 request
-    return b"\x0a" + _varint(len(start)) + start  # DecodeStreamRequest field 1 (starts)
+    start = b"\x08" + _varint(tag) + b"\x12" + _varint(len(body)) + body  # the start: 1 tag, 2 request
+    return b"\x0a" + _varint(len(start)) + start  # the stream request's field 1 (starts)
 
 
 def encode_cancels(tags: list[int]) -> bytes:
-    """``DecodeStreamRequest.cancels`` (field 2, packed), serialized."""
+    """The stream request's ``cancels`` (field 2, packed), serialized."""
     if not tags:
         return b""
     packed = b"".join(_varint(tag) for tag in tags)
@@ -88,19 +112,19 @@ class _Route:
     __slots__ = ("events", "error", "waiter")
 
     def __init__(self) -> None:
-        self.events: deque[pb.DecodeResponse] = deque()
-        self.error: DecodeStreamError | None = None
+        self.events: deque[Message] = deque()
+        self.error: TaggedStreamError | None = None
         self.waiter: asyncio.Future[None] | None = None
 
-    def push(self, event: pb.DecodeResponse) -> None:
+    def push(self, event: Message) -> None:
         self.events.append(event)
         self._wake()
 
-    def fail(self, error: DecodeStreamError) -> None:
+    def fail(self, error: TaggedStreamError) -> None:
         self.error = error
         self._wake()
 
-    async def next(self) -> pb.DecodeResponse:
+    async def next(self) -> Message:
         while not self.events:
             if self.error is not None:
                 raise self.error
@@ -120,10 +144,11 @@ class _Route:
 class _Session:
     """One open stream: its routes by tag, a writer and a reader task."""
 
-    def __init__(self, call: grpc.aio.StreamStreamCall) -> None:
+    def __init__(self, call: grpc.aio.StreamStreamCall, kind: StreamSpec) -> None:
         self.call = call
+        self.kind = kind
         self.routes: dict[int, _Route] = {}
-        self.broken: DecodeStreamError | None = None
+        self.broken: TaggedStreamError | None = None
         self._starts: list[bytes] = []  # encode_start entries
         self._cancels: list[int] = []
         self._wake_writer = asyncio.Event()
@@ -131,7 +156,7 @@ class _Session:
         self._writer = loop.create_task(self._write())
         self._reader = loop.create_task(self._read())
 
-    def start(self, tag: int, request: pb.DecodeRequest) -> _Route:
+    def start(self, tag: int, request: Message) -> _Route:
         route = self.routes[tag] = _Route()
         self._starts.append(encode_start(tag, request))
         self._wake_writer.set()
@@ -151,7 +176,7 @@ class _Session:
     async def _write(self) -> None:
         try:
             metadata = await self.call.initial_metadata()
-            if not any((key, value) == DECODE_STREAM_MARKER for key, value in metadata or ()):
+            if not any((key, value) == self.kind.marker for key, value in metadata or ()):
                 return  # the call ended first (an older pod's UNIMPLEMENTED, a pod down): the reader says
             while True:
                 if not (self._starts or self._cancels):
@@ -160,11 +185,11 @@ class _Session:
                     continue
                 await self.call.write(self._next_message())
         except Exception as exc:  # noqa: BLE001 - the call ended; the reader reports its status
-            logger.debug("DecodeStream write failed: %r", exc)
+            logger.debug("%s write failed: %r", self.kind.name, exc)
 
     def _next_message(self) -> bytes:
         """Every queued cancel, and the queued starts up to ``_BATCH_BYTES``
-        (a serialized ``DecodeStreamRequest``)."""
+        (a serialized stream request)."""
         count, size = 0, 0
         for start in self._starts:
             if count and size + len(start) > _BATCH_BYTES:
@@ -176,7 +201,8 @@ class _Session:
         return message
 
     async def _read(self) -> None:
-        error = DecodeStreamError(grpc.StatusCode.UNAVAILABLE, "the pod ended its DecodeStream")
+        error = TaggedStreamError(grpc.StatusCode.UNAVAILABLE, f"the pod ended its {self.kind.name}")
+        is_terminal = self.kind.is_terminal
         try:
             async for message in self.call:
                 routes = self.routes
@@ -189,11 +215,11 @@ class _Session:
                     if route is not None:  # None: cancelled by its reader
                         route.push(event)
         except grpc.aio.AioRpcError as exc:
-            kind = (DecodeStreamUnsupported if exc.code() == grpc.StatusCode.UNIMPLEMENTED
-                    else DecodeStreamError)
+            kind = (TaggedStreamUnsupported if exc.code() == grpc.StatusCode.UNIMPLEMENTED
+                    else TaggedStreamError)
             error = kind(exc.code(), exc.details() or "")
         except asyncio.CancelledError:
-            error = DecodeStreamError(grpc.StatusCode.CANCELLED, "the router closed the pod's channel")
+            error = TaggedStreamError(grpc.StatusCode.CANCELLED, "the router closed the pod's channel")
             raise
         finally:
             self.broken = error
@@ -203,24 +229,27 @@ class _Session:
                 route.fail(error)
 
 
-class DecodeStreamClient:
-    """Decodes to one pod over its shared stream (opened by ``open_stream``
-    on first use and again after a break). Call from one event loop."""
+class TaggedStreamClient:
+    """Requests to one pod over its shared stream of ``kind`` (opened by
+    ``open_stream`` on first use and again after a break). Call from one
+    event loop."""
 
-    def __init__(self, open_stream: OpenStream) -> None:
+    def __init__(self, open_stream: OpenStream, kind: StreamSpec) -> None:
         self._open_stream = open_stream
+        self.kind = kind
         self._session: _Session | None = None
         self._next_tag = 1
 
-    async def decode(self, request: pb.DecodeRequest) -> AsyncIterator[pb.DecodeResponse]:
-        """The request's events, ending with its Finished or Error event;
-        ``DecodeStreamError`` if the stream broke first."""
+    async def events(self, request: Message) -> AsyncIterator[Message]:
+        """The request's events, ending with its last (``kind.is_terminal``);
+        ``TaggedStreamError`` if the stream broke first."""
         session = self._session
         if session is None or session.broken is not None:
-            session = self._session = _Session(self._open_stream())
+            session = self._session = _Session(self._open_stream(), self.kind)
         tag = self._next_tag
         self._next_tag += 1
         route = session.start(tag, request)
+        is_terminal = self.kind.is_terminal
         ended = False
         try:
             while True:

@@ -1,4 +1,4 @@
-"""The pod's side of DecodeStream without gRPC: ``DecodeMultiplexer`` over a
+"""The pod's side of DecodeStream without gRPC: ``StreamMultiplexer`` over a
 test double of Decode (scripted per-request event generators)."""
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from splitserve.pod.decode_multiplexer import DecodeMultiplexer
+from splitserve.pod.stream_multiplexer import StreamMultiplexer
 from splitserve.proto import splitserve_v1_pb2 as pb
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.timeout(30)]
@@ -51,14 +51,14 @@ def _start(*pairs: tuple[int, str]) -> pb.DecodeStreamRequest:
                                           for t, r in pairs])
 
 
-async def _collect(mux: DecodeMultiplexer, into: list[pb.DecodeStreamResponse]) -> None:
+async def _collect(mux: StreamMultiplexer, into: list[pb.DecodeStreamResponse]) -> None:
     async for batch in mux.responses():
         into.append(batch)
 
 
 async def test_many_requests_share_batches_and_each_gets_its_own_events() -> None:
     decode = ScriptedDecode()
-    mux = DecodeMultiplexer(decode)
+    mux = StreamMultiplexer(decode)
     inbox: asyncio.Queue[pb.DecodeStreamRequest | None] = asyncio.Queue()
 
     async def messages() -> AsyncIterator[pb.DecodeStreamRequest]:
@@ -91,7 +91,7 @@ async def test_many_requests_share_batches_and_each_gets_its_own_events() -> Non
 
 async def test_cancel_duplicate_and_failures_stay_with_their_tag() -> None:
     decode = ScriptedDecode()
-    mux = DecodeMultiplexer(decode)
+    mux = StreamMultiplexer(decode)
     batches: list[pb.DecodeStreamResponse] = []
     reader = asyncio.create_task(_collect(mux, batches))
     mux.apply(_start((1, "hang"), (2, "n2"), (3, "raise"), (4, "short")))

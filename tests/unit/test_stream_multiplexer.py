@@ -116,3 +116,31 @@ async def test_cancel_duplicate_and_failures_stay_with_their_tag() -> None:
     await mux.close()
     assert decode.closed.count("hang") == 2 and mux.num_running == 0
     reader.cancel()
+
+
+async def test_prefill_kind_answers_each_start_once_and_keeps_failures_with_their_tag() -> None:
+    from splitserve.pod.stream_multiplexer import PREFILL_STREAM
+
+    async def prefill(request: pb.PrefillRequest) -> AsyncIterator[pb.PrefillEvent]:
+        if request.request_id == "raise":
+            raise RuntimeError("boom")
+        if request.request_id == "silent":
+            return
+        yield pb.PrefillEvent(response=pb.PrefillResponse(first_token_id=len(request.token_ids)))
+
+    mux = StreamMultiplexer(prefill, PREFILL_STREAM)
+
+    async def requests() -> AsyncIterator[pb.PrefillStreamRequest]:
+        yield pb.PrefillStreamRequest(starts=[
+            pb.PrefillStart(tag=tag, request=pb.PrefillRequest(request_id=rid, token_ids=[1] * tag))
+            for tag, rid in ((1, "a"), (2, "raise"), (3, "b"), (4, "silent"))])
+
+    feeder = asyncio.create_task(mux.feed(requests()))
+    batches = [batch async for batch in mux.responses()]
+    await feeder
+    events = {tagged.tag: tagged.event for batch in batches for tagged in batch.events}
+    assert sorted(events) == [1, 2, 3, 4] and sum(len(b.events) for b in batches) == 4
+    assert events[1].response.first_token_id == 1 and events[3].response.first_token_id == 3
+    assert (events[2].error.code, events[2].error.message) == ("INTERNAL", "internal error: RuntimeError")
+    assert events[4].error.code == "UNAVAILABLE" and "Prefill" in events[4].error.message
+    assert len(batches) < 4 and mux.num_running == 0

@@ -188,7 +188,7 @@ class PodClient:
                 self.multiplex_prefill = False
             except TaggedStreamError as exc:
                 raise PodCallError(self.address, "Prefill", exc.code, exc.details) from None
-            except TimeoutError:  # the cancel reached the pod as the stream's cancel of this request
+            except asyncio.TimeoutError:  # (TimeoutError from 3.11) the pod got the stream's cancel of it
                 raise PodCallError(self.address, "Prefill", grpc.StatusCode.DEADLINE_EXCEEDED,
                                    "Deadline Exceeded") from None
             else:

@@ -193,8 +193,7 @@ class PodClient:
                                    "Deadline Exceeded") from None
             else:
                 if event.WhichOneof("event") == "error":
-                    code = getattr(grpc.StatusCode, event.error.code, grpc.StatusCode.UNKNOWN)
-                    raise PodCallError(self.address, "Prefill", code, event.error.message)
+                    raise self._in_stream_error("Prefill", event.error)
                 return event.response
         try:
             return await self._stub.Prefill(message, timeout=timeout)
@@ -236,8 +235,7 @@ class PodClient:
                             yield _finished(response.finished)
                             return
                         elif kind == "error":
-                            code = getattr(grpc.StatusCode, response.error.code, grpc.StatusCode.UNKNOWN)
-                            raise PodCallError(self.address, "Decode", code, response.error.message)
+                            raise self._in_stream_error("Decode", response.error)
                     raise PodCallError(self.address, "Decode", grpc.StatusCode.UNAVAILABLE,
                                        "the stream ended without a Finished event")
                 except TaggedStreamUnsupported:  # before any event: nothing was sent to the client
@@ -296,6 +294,11 @@ class PodClient:
 
     def _error(self, rpc: str, exc: grpc.aio.AioRpcError) -> PodCallError:
         return PodCallError(self.address, rpc, exc.code(), exc.details() or "")
+
+    def _in_stream_error(self, rpc: str, error: pb.Error) -> PodCallError:
+        """An ``Error`` event (a status a call would have ended with, by name)."""
+        return PodCallError(self.address, rpc, getattr(grpc.StatusCode, error.code, grpc.StatusCode.UNKNOWN),
+                            error.message)
 
 
 async def _first_event(events: AsyncIterator[pb.PrefillEvent]) -> pb.PrefillEvent:

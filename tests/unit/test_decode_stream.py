@@ -132,20 +132,22 @@ async def _tokens(client: PodClient, rid: str, prompt: tuple[int, ...], params=G
     return out
 
 
+async def _pod_core(checkpoints: dict, role: Role, address: str):
+    cluster = Cluster(checkpoints["llama"])
+    yield await cluster.pod(role, address)
+    await cluster.close()
+
+
 @pytest_asyncio.fixture
 async def prefill_core(tiny_checkpoints: dict):
-    cluster = Cluster(tiny_checkpoints["llama"])
-    core = await cluster.pod(Role.PREFILL, "127.0.0.1:2")
-    yield core
-    await cluster.close()
+    async for core in _pod_core(tiny_checkpoints, Role.PREFILL, "127.0.0.1:2"):
+        yield core
 
 
 @pytest_asyncio.fixture
 async def unified(tiny_checkpoints: dict):
-    cluster = Cluster(tiny_checkpoints["llama"])
-    core = await cluster.pod(Role.UNIFIED, "127.0.0.1:1")
-    yield core
-    await cluster.close()
+    async for core in _pod_core(tiny_checkpoints, Role.UNIFIED, "127.0.0.1:1"):
+        yield core
 
 
 PROMPTS = [tuple(range(1 + i, 12 + 2 * i)) for i in range(12)]
